@@ -1,0 +1,379 @@
+"""Read an RxRx1 download in any of its three layouts into one site table.
+
+Layouts (see FACTS.md):
+- ``kaggle-2019``: train/test CSVs with integer ``sirna`` labels (0..1138).
+- ``kaggle-2023``: the current Kaggle download, ``sirna_<k>`` strings and ``UNTREATED``.
+- ``rxrx1``: the full release, one ``metadata.csv`` with one row per site.
+
+Everything downstream works on the *site table*: one row per site with the columns in
+``SITE_COLUMNS``. Labels keep the data's own spelling (always held as strings); the class
+vocabulary maps them to column indices (treatments, then positive controls, then negative).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rcic.errors import DataError
+
+LAYOUTS = ("kaggle-2019", "kaggle-2023", "rxrx1")
+SITE_COLUMNS = ["id_code", "experiment", "plate", "well", "site", "cell_type", "split", "well_type", "label"]
+WELL_TYPES = ("treatment", "positive_control", "negative_control")
+N_SITES = 2
+N_CHANNELS = 6
+N_PLATES = 4
+
+KAGGLE_FILES = {
+    "train.csv": ["id_code", "experiment", "plate", "well", "sirna"],
+    "test.csv": ["id_code", "experiment", "plate", "well"],
+    "train_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
+    "test_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
+}
+RXRX1_COLUMNS = ["experiment", "plate", "well", "site", "well_type", "dataset"]
+_WELL_RE = re.compile(r"^[A-P](0[1-9]|1[0-9]|2[0-4])$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout detection and CSV reading
+# ----------------------------------------------------------------------------------------------
+
+
+def detect_layout(root: str | Path) -> str:
+    """Name the layout of the folder ``root``: one of ``LAYOUTS``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("data folder not found", root)
+    if (root / "metadata.csv").is_file():
+        return "rxrx1"
+    train = root / "train.csv"
+    if not train.is_file():
+        raise DataError("no train.csv (Kaggle layout) or metadata.csv (RxRx1 release) in this folder", root)
+    labels = _read_csv(train, KAGGLE_FILES["train.csv"], nrows=200)["sirna"]
+    return "kaggle-2019" if labels.str.fullmatch(r"\d+").all() else "kaggle-2023"
+
+
+def _read_csv(path: Path, columns: list[str], nrows: int | None = None) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError("file not found", path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"not a readable CSV ({err})", path) from err
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}", path)
+    return frame
+
+
+def _check_wells(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Validate plate, well and id_code columns; return the frame with an integer plate."""
+    plate = pd.to_numeric(frame["plate"], errors="coerce")
+    bad = plate.isna() | ~plate.isin(range(1, N_PLATES + 1))
+    if bad.any():
+        row = frame[bad].iloc[0]
+        raise DataError(f"plate {row['plate']!r} outside 1-{N_PLATES} (row {row.name + 2})", path)
+    bad = ~frame["well"].str.fullmatch(_WELL_RE)
+    if bad.any():
+        row = frame[bad].iloc[0]
+        raise DataError(f"unknown well name {row['well']!r} (row {row.name + 2})", path)
+    bad = frame["experiment"].str.strip() == ""
+    if bad.any():
+        raise DataError(f"empty experiment (row {frame[bad].index[0] + 2})", path)
+    frame = frame.assign(plate=plate.astype(int))
+    if "id_code" in frame.columns:
+        expected = frame["experiment"] + "_" + frame["plate"].astype(str) + "_" + frame["well"]
+        bad = frame["id_code"] != expected
+        if bad.any():
+            row = frame[bad].iloc[0]
+            raise DataError(
+                f"id_code {row['id_code']!r} disagrees with its columns (expected {expected[row.name]!r}, "
+                f"row {row.name + 2})",
+                path,
+            )
+        dup = frame["id_code"].duplicated()
+        if dup.any():
+            raise DataError(f"duplicate id_code {frame['id_code'][dup].iloc[0]!r}", path)
+    return frame
+
+
+def _expand_sites(wells: pd.DataFrame) -> pd.DataFrame:
+    sites = wells.loc[wells.index.repeat(N_SITES)].reset_index(drop=True)
+    sites["site"] = np.tile(np.arange(1, N_SITES + 1), len(wells))
+    return sites
+
+
+def _read_kaggle(root: Path) -> tuple[pd.DataFrame, list[str] | None]:
+    frames = []
+    for name, columns in KAGGLE_FILES.items():
+        path = root / name
+        frame = _check_wells(_read_csv(path, columns), path)
+        split = "train" if name.startswith("train") else "test"
+        if "well_type" not in frame.columns:
+            frame["well_type"] = "treatment"
+        bad = ~frame["well_type"].isin(WELL_TYPES)
+        if bad.any():
+            raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r}", path)
+        label = frame["sirna"] if "sirna" in frame.columns else pd.Series("", index=frame.index)
+        if name != "test.csv" and (label.str.strip() == "").any():
+            raise DataError(f"empty sirna label (row {int(np.argmax(label.str.strip() == '')) + 2})", path)
+        frame = frame.assign(split=split, label=label.str.strip(), source=name)
+        frames.append(frame[["id_code", "experiment", "plate", "well", "split", "well_type", "label", "source"]])
+    wells = pd.concat(frames, ignore_index=True)
+    dup = wells["id_code"].duplicated(keep=False)
+    if dup.any():
+        first = wells[dup].iloc[0]["id_code"]
+        files = ", ".join(sorted(wells[wells["id_code"] == first]["source"]))
+        raise DataError(f"duplicate id_code {first!r} (in {files})", root)
+    order = None
+    sample = root / "sample_submission.csv"
+    if sample.is_file():
+        order = _read_csv(sample, ["id_code", "sirna"])["id_code"].tolist()
+    return wells.drop(columns="source"), order
+
+
+def _read_rxrx1(root: Path) -> pd.DataFrame:
+    path = root / "metadata.csv"
+    frame = _read_csv(path, RXRX1_COLUMNS)
+    label_column = "sirna" if "sirna" in frame.columns else "sirna_id" if "sirna_id" in frame.columns else None
+    if label_column is None:
+        raise DataError("missing column sirna (or sirna_id)", path)
+    frame = _check_wells(frame, path)
+    site = pd.to_numeric(frame["site"], errors="coerce")
+    if site.isna().any() or not site.isin(range(1, N_SITES + 1)).all():
+        raise DataError(f"site outside 1-{N_SITES}", path)
+    bad = ~frame["dataset"].isin(["train", "test"])
+    if bad.any():
+        raise DataError(f"unknown dataset {frame['dataset'][bad].iloc[0]!r} (expected train or test)", path)
+    bad = ~frame["well_type"].isin(WELL_TYPES)
+    if bad.any():
+        raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r}", path)
+    sites = pd.DataFrame(
+        {
+            "id_code": frame["experiment"] + "_" + frame["plate"].astype(str) + "_" + frame["well"],
+            "experiment": frame["experiment"],
+            "plate": frame["plate"],
+            "well": frame["well"],
+            "site": site.astype(int),
+            "split": frame["dataset"],
+            "well_type": frame["well_type"],
+            "label": frame[label_column].str.strip(),
+        }
+    )
+    dup = sites.duplicated(["id_code", "site"])
+    if dup.any():
+        row = sites[dup].iloc[0]
+        raise DataError(f"duplicate site {row['id_code']}_{row['site']}", path)
+    return sites
+
+
+# ----------------------------------------------------------------------------------------------
+# Class vocabulary and plate groups
+# ----------------------------------------------------------------------------------------------
+
+
+def _natural_key(label: str) -> tuple:
+    match = re.fullmatch(r"(.*?)(\d+)", label)
+    return (match.group(1), int(match.group(2)), "") if match else (label, -1, label)
+
+
+@dataclass(frozen=True)
+class ClassVocab:
+    """Class labels in column order: treatments, positive controls, negative control(s)."""
+
+    labels: tuple[str, ...]
+    n_treatments: int
+    n_positive: int
+
+    @classmethod
+    def from_wells(cls, wells: pd.DataFrame) -> ClassVocab:
+        labelled = wells[wells["label"] != ""]
+        by_type = {t: set(labelled.loc[labelled["well_type"] == t, "label"]) for t in WELL_TYPES}
+        treatments = sorted(by_type["treatment"], key=_natural_key)
+        positive = sorted(by_type["positive_control"] - by_type["treatment"], key=_natural_key)
+        negative = sorted(
+            by_type["negative_control"] - by_type["treatment"] - by_type["positive_control"], key=_natural_key
+        )
+        return cls(tuple(treatments + positive + negative), len(treatments), len(positive))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def treatment_labels(self) -> tuple[str, ...]:
+        return self.labels[: self.n_treatments]
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def encode(self, labels) -> np.ndarray:
+        """Column index of each label; -1 for an empty or unknown label."""
+        return np.array([self._index.get(str(label), -1) for label in labels], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"labels": list(self.labels), "n_treatments": self.n_treatments, "n_positive": self.n_positive}
+
+
+@dataclass(frozen=True)
+class PlateGroups:
+    """The treatment groups of the plate leak and each labelled experiment's group order.
+
+    ``groups[g]`` is the set of treatment labels of group g. Group indices are chosen so that
+    the first fully labelled experiment carries groups (0, 1, 2, 3) on plates 1-4; an order is
+    the tuple of group indices on plates 1..4. ``candidate_orders`` are the cyclic rotations of
+    the base order plus any other order seen in the labels.
+    """
+
+    groups: tuple[frozenset[str], ...]
+    orders: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the leak applies: one group per plate, disjoint, every plate one group."""
+        return len(self.groups) == N_PLATES
+
+    @property
+    def candidate_orders(self) -> list[tuple[int, ...]]:
+        n = len(self.groups)
+        cyclic = [tuple((p + r) % n for p in range(n)) for r in range(n)]
+        seen = [o for o in dict.fromkeys(self.orders.values()) if o not in cyclic and len(o) == n]
+        return cyclic + seen
+
+    def rotation(self, order: tuple[int, ...]) -> int | None:
+        """The cyclic shift r for which plate p carries group (p - 1 + r) % n, or None."""
+        orders = self.candidate_orders[: len(self.groups)]
+        return orders.index(order) if order in orders else None
+
+
+def derive_plate_groups(wells: pd.DataFrame) -> PlateGroups:
+    """Derive the treatment groups from the labelled treatment wells.
+
+    Treatments that share a plate are in one group (union-find over plates), so the groups
+    come from the labels and are never pasted in as literals.
+    """
+    treated = wells[(wells["well_type"] == "treatment") & (wells["label"] != "")]
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    plates = treated.groupby(["experiment", "plate"], sort=True)["label"]
+    for _, labels in plates:
+        labels = labels.tolist()
+        root = find(labels[0])
+        for label in labels[1:]:
+            other = find(label)
+            if other != root:
+                parent[other] = root
+    components: dict[str, set[str]] = {}
+    for label in parent:
+        components.setdefault(find(label), set()).add(label)
+    if not components:
+        return PlateGroups(groups=())
+
+    plate_sets = {key: set(labels) for key, labels in plates}
+    experiments = sorted({e for e, _ in plate_sets})
+    full = [e for e in experiments if all((e, p) in plate_sets for p in range(1, N_PLATES + 1))]
+    root_of_component = {find(next(iter(c))): c for c in components.values()}
+    ordered: list[set[str]] = []
+    if full:
+        for p in range(1, N_PLATES + 1):
+            comp = root_of_component[find(next(iter(plate_sets[(full[0], p)])))]
+            if comp not in ordered:
+                ordered.append(comp)
+    rest = sorted((c for c in components.values() if c not in ordered), key=lambda c: min(c, key=_natural_key))
+    ordered.extend(rest)
+    group_of = {label: g for g, comp in enumerate(ordered) for label in comp}
+    orders = {
+        e: tuple(group_of[next(iter(plate_sets[(e, p)]))] for p in range(1, N_PLATES + 1)) for e in full
+    }
+    return PlateGroups(groups=tuple(frozenset(c) for c in ordered), orders=orders)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset: site table + vocabulary + plate groups
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """An RxRx1 download read into one site table (one row per site, ``SITE_COLUMNS``)."""
+
+    root: Path
+    layout: str
+    sites: pd.DataFrame
+    submission_order: list[str] | None = None
+
+    @cached_property
+    def wells(self) -> pd.DataFrame:
+        """One row per well (the site table without the site column)."""
+        cols = [c for c in SITE_COLUMNS if c != "site"]
+        return self.sites.drop_duplicates("id_code")[cols].reset_index(drop=True)
+
+    @cached_property
+    def vocab(self) -> ClassVocab:
+        return ClassVocab.from_wells(self.wells)
+
+    @cached_property
+    def plate_groups(self) -> PlateGroups:
+        return derive_plate_groups(self.wells[self.wells["split"] == "train"])
+
+    @property
+    def test_ids(self) -> list[str]:
+        """Test treatment wells in submission order (sample_submission where the data has it)."""
+        if self.submission_order is not None:
+            return self.submission_order
+        wells = self.wells
+        return wells.loc[(wells["split"] == "test") & (wells["well_type"] == "treatment"), "id_code"].tolist()
+
+    def summary(self) -> dict:
+        """Counts a user checks first (the keys of ``rcic info --json``)."""
+        w = self.wells
+        is_treat = w["well_type"] == "treatment"
+        train, test = w["split"] == "train", w["split"] == "test"
+        return {
+            "layout": self.layout,
+            "root": str(self.root),
+            "train_wells": int((train & is_treat).sum()),
+            "test_wells": int((test & is_treat).sum()),
+            "train_control_wells": int((train & ~is_treat).sum()),
+            "test_control_wells": int((test & ~is_treat).sum()),
+            "train_experiments": int(w.loc[train, "experiment"].nunique()),
+            "test_experiments": int(w.loc[test, "experiment"].nunique()),
+            "cell_types": sorted(w["cell_type"].unique().tolist()),
+            "treatment_classes": self.vocab.n_treatments,
+            "positive_control_classes": self.vocab.n_positive,
+            "negative_control_classes": len(self.vocab) - self.vocab.n_treatments - self.vocab.n_positive,
+            "plate_groups": len(self.plate_groups.groups),
+            "sites": len(self.sites),
+        }
+
+
+def read_dataset(root: str | Path) -> Dataset:
+    """Read the metadata of an RxRx1 download (images need not be present)."""
+    root = Path(root)
+    layout = detect_layout(root)
+    order = None
+    if layout == "rxrx1":
+        sites = _read_rxrx1(root)
+    else:
+        wells, order = _read_kaggle(root)
+        sites = _expand_sites(wells)
+    sites["cell_type"] = sites["experiment"].str.split("-").str[0]
+    sites = sites[SITE_COLUMNS].sort_values(["split", "experiment", "plate", "well", "site"], kind="stable")
+    sites = sites.reset_index(drop=True)
+    if order is not None:
+        test_treat = set(sites.loc[(sites["split"] == "test") & (sites["well_type"] == "treatment"), "id_code"])
+        if set(order) != test_treat or len(order) != len(test_treat):
+            raise DataError("id_code values do not match test.csv", root / "sample_submission.csv")
+    return Dataset(root=root, layout=layout, sites=sites, submission_order=order)
