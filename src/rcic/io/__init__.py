@@ -3,8 +3,8 @@
 from rcic.io.images import load_site, site_png_path, to_rgb
 from rcic.io.metadata import (
     LAYOUTS,
-    Dataset,
     ClassVocab,
+    Dataset,
     PlateGroups,
     derive_plate_groups,
     detect_layout,

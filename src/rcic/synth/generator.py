@@ -1,0 +1,328 @@
+"""Synthetic RxRx1 in the real Kaggle 2019 layout (CSVs + PNG tree + answers.csv).
+
+Structure mirrors the real data: cell types, experiments, 4 plates, treatments split into 4
+plate groups that rotate cyclically across experiments (train uses three rotations, test also
+the fourth), positive controls at fixed positions (which control sits where varies by
+experiment), a negative control at B02, 2 sites and 6 channels per well.
+
+Images are rendered cell by cell: nucleus (w1), endoplasmic reticulum (w2), actin ring (w3),
+nucleoli/RNA spots (w4), mitochondria spots (w5) and a Golgi blob (w6). Each siRNA shifts
+morphology (sizes, shape, spot counts, compartment intensity ratios), some strongly and some
+subtly; controls strongly. Experiments add batch effects (per-channel gain and offset, uneven
+illumination, focus, cell density) and cell types differ, so a model that does not normalise
+generalises worse to unseen experiments. Each site has its own random stream, so the output
+is byte-identical for a seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from rcic.errors import DataError
+
+ROWS = "BCDEFGHIJKLMNO"
+COLS = range(2, 24)
+CONTROL_POSITIONS = [f"{r}{c:02d}" for r in "CFHJM" for c in (3, 7, 11, 15, 19, 22)]
+NEGATIVE_POSITION = "B02"
+CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
+# Shape of each cell type: nucleus radius (fraction of image), cytoplasm/nucleus ratio, elongation,
+# cells per site, and channel brightness multipliers.
+CELL_TYPE_TRAITS = {
+    "HEPG2": dict(nucleus=0.050, cyto=1.9, elong=1.15, cells=14, bright=(1.1, 0.9, 0.8, 1.0, 1.2, 0.9)),
+    "HUVEC": dict(nucleus=0.045, cyto=2.3, elong=1.50, cells=11, bright=(0.9, 1.1, 1.2, 0.9, 0.9, 1.1)),
+    "RPE": dict(nucleus=0.055, cyto=2.1, elong=1.30, cells=10, bright=(1.0, 1.0, 1.0, 1.1, 1.0, 1.0)),
+    "U2OS": dict(nucleus=0.060, cyto=2.0, elong=1.20, cells=9, bright=(1.2, 0.8, 1.1, 0.9, 1.1, 1.2)),
+}
+BASE_INTENSITY = np.array([120.0, 45.0, 40.0, 60.0, 90.0, 100.0])
+BACKGROUND = np.array([8.0, 14.0, 22.0, 15.0, 10.0, 12.0])
+# Larger images show more, slightly larger cells: nucleus radius grows with sqrt(size), so a 512 px
+# site holds ~8x the cells of a 64 px one (about 80-110, as in the real images).
+REFERENCE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n_classes: int = 32  # treatments; a multiple of 4 (one group per plate)
+    n_positive: int = 4  # positive control classes, at fixed well positions
+    cell_types: tuple[str, ...] = CELL_TYPES
+    train_experiments: int = 3  # per cell type
+    test_experiments: int = 1  # per cell type
+    image_size: int = 64
+    seed: int = 0
+    label_style: str = "kaggle-2019"  # or "kaggle-2023": sirna_<k> / UNTREATED
+    batch_effect: float = 1.0  # strength of experiment-level effects
+
+    def __post_init__(self):
+        if self.n_classes < 4 or self.n_classes % 4:
+            raise DataError(f"n_classes must be a positive multiple of 4, got {self.n_classes}")
+        if not 1 <= self.n_positive <= len(CONTROL_POSITIONS):
+            raise DataError(f"n_positive must be in 1-{len(CONTROL_POSITIONS)}, got {self.n_positive}")
+        if self.n_classes // 4 + self.n_positive + 1 > len(ROWS) * len(COLS):
+            raise DataError(f"{self.n_classes // 4} treatments per plate do not fit on a 308-well plate")
+        unknown = set(self.cell_types) - set(CELL_TYPES)
+        if unknown or not self.cell_types:
+            raise DataError(f"cell types must be among {', '.join(CELL_TYPES)}, got {sorted(unknown)}")
+        if not 16 <= self.image_size <= 512:
+            raise DataError(f"image_size must be in 16-512, got {self.image_size}")
+        if self.train_experiments < 1 or self.test_experiments < 1:
+            raise DataError("need at least one train and one test experiment per cell type")
+        if self.label_style not in ("kaggle-2019", "kaggle-2023"):
+            raise DataError(f"label_style must be kaggle-2019 or kaggle-2023, got {self.label_style!r}")
+
+
+PRESETS = {
+    "tiny": SynthConfig(n_classes=8, n_positive=2, cell_types=("HEPG2", "HUVEC"), train_experiments=2,
+                        test_experiments=1, image_size=32),
+    "small": SynthConfig(n_classes=32, n_positive=4, train_experiments=3, test_experiments=1, image_size=64),
+    "medium": SynthConfig(n_classes=128, n_positive=8, train_experiments=4, test_experiments=2, image_size=128),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plate design (the CSVs)
+# ----------------------------------------------------------------------------------------------
+
+
+def design_plates(config: SynthConfig) -> tuple[pd.DataFrame, list[str]]:
+    """All wells with their true class index (0..n-1 treatments, then controls); and class labels."""
+    rng = np.random.default_rng([config.seed, 1])
+    n, npos = config.n_classes, config.n_positive
+    groups = rng.permutation(n).reshape(4, n // 4)
+    labels = _class_labels(config, rng)
+    treatment_positions = [f"{r}{c:02d}" for r in ROWS for c in COLS
+                           if f"{r}{c:02d}" not in CONTROL_POSITIONS and f"{r}{c:02d}" != NEGATIVE_POSITION]
+    rows = []
+    for cell_type in config.cell_types:
+        for split, count, first_rotation in (("train", config.train_experiments, 0),
+                                             ("test", config.test_experiments, 3)):
+            offset = 0 if split == "train" else config.train_experiments
+            for i in range(count):
+                experiment = f"{cell_type}-{offset + i + 1:02d}"
+                # train cycles through rotations 0,1,2; test starts with the 4th, unseen one
+                rotation = (first_rotation + i) % (3 if split == "train" else 4)
+                controls = rng.permutation(npos)
+                for plate in range(1, 5):
+                    group = groups[(plate - 1 + rotation) % 4]
+                    wells = rng.choice(len(treatment_positions), size=len(group), replace=False)
+                    for cls, w in zip(rng.permutation(group), np.sort(wells)):
+                        rows.append((experiment, plate, treatment_positions[w], split, "treatment", cls))
+                    for k, cls in enumerate(controls):
+                        rows.append((experiment, plate, CONTROL_POSITIONS[k], split, "positive_control", n + cls))
+                    rows.append((experiment, plate, NEGATIVE_POSITION, split, "negative_control", n + npos))
+    wells = pd.DataFrame(rows, columns=["experiment", "plate", "well", "split", "well_type", "cls"])
+    wells = wells.sort_values(["split", "experiment", "plate", "well"], kind="stable").reset_index(drop=True)
+    wells.insert(0, "id_code", wells["experiment"] + "_" + wells["plate"].astype(str) + "_" + wells["well"])
+    return wells, labels
+
+
+def _class_labels(config: SynthConfig, rng: np.random.Generator) -> list[str]:
+    total = config.n_classes + config.n_positive + 1
+    if config.label_style == "kaggle-2019":
+        return [str(k) for k in range(total)]
+    # 2023 spelling: treatments and positive controls share one sirna_<k> numbering, shuffled
+    numbers = rng.permutation(total - 1)
+    return [f"sirna_{k}" for k in numbers] + ["UNTREATED"]
+
+
+def _write_csvs(wells: pd.DataFrame, labels: list[str], out: Path) -> None:
+    frame = wells.assign(sirna=[labels[c] for c in wells["cls"]])
+    keys = ["id_code", "experiment", "plate", "well"]
+    treat = frame["well_type"] == "treatment"
+    for split in ("train", "test"):
+        part = frame[frame["split"] == split]
+        t = part[part["well_type"] == "treatment"]
+        (t[keys + ["sirna"]] if split == "train" else t[keys]).to_csv(out / f"{split}.csv", index=False)
+        part[part["well_type"] != "treatment"][keys + ["sirna", "well_type"]].to_csv(
+            out / f"{split}_controls.csv", index=False)
+    test = frame[(frame["split"] == "test") & treat]
+    first = labels[0]
+    pd.DataFrame({"id_code": test["id_code"], "sirna": first}).to_csv(out / "sample_submission.csv", index=False)
+    test[["id_code", "sirna"]].to_csv(out / "answers.csv", index=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def class_effects(config: SynthConfig, cls: int) -> dict[str, float]:
+    """Morphology multipliers of one class: strong for controls, strong-to-subtle for siRNAs."""
+    rng = np.random.default_rng([config.seed, 2, cls])
+    strength = 1.6 if cls >= config.n_classes else rng.uniform(0.35, 1.0)
+    z = rng.standard_normal(9) * strength
+    return {
+        "nucleus": float(np.exp(0.22 * z[0])),
+        "cyto": float(np.exp(0.15 * z[1])),
+        "elong": float(np.exp(0.20 * z[2])),
+        "nucleoli": float(np.exp(0.6 * z[3])),
+        "mito": float(np.exp(0.6 * z[4])),
+        "golgi": float(np.exp(0.35 * z[5])),
+        "er_ratio": float(np.exp(0.45 * z[6])),  # ER brightness relative to nucleus (survives normalisation)
+        "actin": float(np.exp(0.45 * z[7])),
+        "density": float(np.exp(0.20 * z[8])),
+    }
+
+
+def experiment_effects(config: SynthConfig, experiment: str) -> dict:
+    """Batch effects: per-channel gain/offset, illumination, focus, density."""
+    rng = np.random.default_rng([config.seed, 3, *experiment.encode()])
+    b = config.batch_effect
+    return {
+        "gain": np.exp(rng.normal(0, 0.35 * b, 6)),
+        "offset": rng.uniform(0, 18 * b, 6),
+        "tilt": rng.normal(0, 0.25 * b, 2),
+        "vignette": rng.uniform(0, 0.35 * b),
+        "blur": rng.uniform(0.0, 1.2 * b),
+        "density": float(np.exp(rng.normal(0, 0.2 * b))),
+        "noise": rng.uniform(1.5, 4.0),
+    }
+
+
+def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng: np.random.Generator) -> np.ndarray:
+    """One site as (6, S, S) uint8."""
+    s = config.image_size
+    traits, fx = CELL_TYPE_TRAITS[cell_type], class_effects(config, cls)
+    canvas = np.zeros((6, s, s), np.float32)
+    zoom = np.sqrt(s / REFERENCE_SIZE)
+    n_cells = rng.poisson(traits["cells"] * fx["density"] * batch["density"] * s / REFERENCE_SIZE) + 2
+    r_nuc = traits["nucleus"] * REFERENCE_SIZE * zoom * fx["nucleus"]
+    r_cyto = r_nuc * traits["cyto"] * fx["cyto"]
+    bright = BASE_INTENSITY * np.array(traits["bright"])
+    half = int(np.ceil(r_cyto * traits["elong"] * fx["elong"] * 1.6)) + 2
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
+    for _ in range(n_cells):
+        cy, cx = rng.uniform(0, s, 2)
+        theta = rng.uniform(0, np.pi)
+        elong = traits["elong"] * fx["elong"] * rng.uniform(0.85, 1.15)
+        size = rng.uniform(0.85, 1.15)
+        oy, ox = yy - (cy % 1), xx - (cx % 1)
+        u = ox * np.cos(theta) + oy * np.sin(theta)
+        v = -ox * np.sin(theta) + oy * np.cos(theta)
+        d_nuc = np.sqrt((u / (r_nuc * size * np.sqrt(elong))) ** 2 + (v * np.sqrt(elong) / (r_nuc * size)) ** 2)
+        d_cyto = np.sqrt((u / (r_cyto * size * elong)) ** 2 + (v / (r_cyto * size)) ** 2)
+        nucleus = np.exp(-(d_nuc**4))
+        cyto = np.exp(-(d_cyto**2) * 1.5) * (1 - 0.7 * nucleus)
+        patch = np.zeros((6, *yy.shape), np.float32)
+        patch[0] = nucleus * rng.uniform(0.8, 1.2)
+        patch[1] = cyto * fx["er_ratio"] * (0.6 + 0.4 * np.exp(-((d_nuc - 1.3) ** 2) * 4))
+        patch[2] = np.exp(-(((d_cyto - 0.9) / 0.18) ** 2)) * fx["actin"] * 0.8 + 0.15 * cyto
+        patch[3] = 0.25 * cyto + _spots(rng, 3 * fx["nucleoli"], r_nuc * size * 0.6, r_nuc * 0.18, oy, ox)
+        patch[4] = 0.15 * cyto + _spots(rng, 10 * fx["mito"], r_cyto * size * 0.8, r_nuc * 0.12, oy, ox) * cyto
+        g_angle = theta + rng.normal(0, 0.4)
+        gy, gx = np.sin(g_angle) * r_nuc * 1.4, np.cos(g_angle) * r_nuc * 1.4
+        patch[5] = np.exp(-((oy - gy) ** 2 + (ox - gx) ** 2) / (2 * (r_nuc * 0.45 * fx["golgi"]) ** 2)) + 0.1 * cyto
+        _paste(canvas, patch * bright[:, None, None].astype(np.float32), int(cy), int(cx), half)
+    return _apply_batch(canvas, batch, rng)
+
+
+def _spots(rng, mean_count, radius, spot_radius, oy, ox) -> np.ndarray:
+    out = np.zeros(oy.shape, np.float32)
+    count = rng.poisson(mean_count)
+    if count == 0:
+        return out
+    r = radius * np.sqrt(rng.uniform(0, 1, count))
+    a = rng.uniform(0, 2 * np.pi, count)
+    for py, px in zip(r * np.sin(a), r * np.cos(a)):
+        out += np.exp(-((oy - py) ** 2 + (ox - px) ** 2) / (2 * max(spot_radius, 0.6) ** 2))
+    return out
+
+
+def _paste(canvas: np.ndarray, patch: np.ndarray, cy: int, cx: int, half: int) -> None:
+    s = canvas.shape[-1]
+    y0, x0 = cy - half, cx - half
+    ys, xs = max(0, -y0), max(0, -x0)
+    ye, xe = min(patch.shape[1], s - y0), min(patch.shape[2], s - x0)
+    if ye > ys and xe > xs:
+        canvas[:, y0 + ys:y0 + ye, x0 + xs:x0 + xe] += patch[:, ys:ye, xs:xe]
+
+
+def _apply_batch(canvas: np.ndarray, batch: dict, rng: np.random.Generator) -> np.ndarray:
+    s = canvas.shape[-1]
+    lin = np.linspace(-1, 1, s, dtype=np.float32)
+    gy, gx = np.meshgrid(lin, lin, indexing="ij")
+    light = 1 + batch["tilt"][0] * gy + batch["tilt"][1] * gx - batch["vignette"] * (gy**2 + gx**2)
+    image = canvas * np.clip(light, 0.2, None)
+    if batch["blur"] > 0.3:
+        image = np.stack([cv2.GaussianBlur(c, (0, 0), batch["blur"]) for c in image])
+    image = image * batch["gain"][:, None, None] + (BACKGROUND + batch["offset"])[:, None, None]
+    image = image + rng.normal(0, batch["noise"], image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def _render_well(args) -> int:
+    config, out, row = args
+    batch = experiment_effects(config, row["experiment"])
+    cell_type = row["experiment"].split("-")[0]
+    folder = out / row["split"] / row["experiment"] / f"Plate{row['plate']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for site in (1, 2):
+        rng = np.random.default_rng([config.seed, 4, *row["id_code"].encode(), site])
+        image = render_site(config, cell_type, int(row["cls"]), batch, rng)
+        for c in range(6):
+            cv2.imwrite(str(folder / f"{row['well']}_s{site}_w{c + 1}.png"), image[c])
+    return 2
+
+
+def generate(
+    out: str | Path,
+    config: SynthConfig = PRESETS["small"],
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write a synthetic dataset to ``out`` (which must not exist or be empty); returns ``out``.
+
+    Written to a temporary sibling folder and renamed at the end, so an interrupted run never
+    leaves a half-written dataset under ``out``. ``progress(done_sites, total_sites)`` is called
+    as sites are written.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError("output folder exists and is not empty; choose another or remove it", out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        wells, labels = design_plates(config)
+        _write_csvs(wells, labels, tmp)
+        (tmp / "synth_config.json").write_text(pd.Series(asdict(config)).to_json(indent=2))
+        jobs = [(config, tmp, row) for row in wells.to_dict("records")]
+        total, done = 2 * len(jobs), 0
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for n in pool.map(_render_well, jobs, chunksize=8):
+                    done += n
+                    if progress:
+                        progress(done, total)
+        else:
+            for job in jobs:
+                done += _render_well(job)
+                if progress:
+                    progress(done, total)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def preset(name: str, **overrides) -> SynthConfig:
+    """A preset config with some fields replaced (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise DataError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny synthetic datasets made at test time, and the real RxRx1 files when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("RCIC_REALDATA", ROOT.parent / "shared" / "realdata" / "rxrx1"))
+REAL_CSV = REAL / "kaggle_v2019"
+REAL_IMAGES = REAL / "images"
+
+
+def need_real_csvs() -> Path:
+    if not (REAL_CSV / "train.csv").is_file():
+        pytest.skip(f"real RxRx1 CSVs not found at {REAL_CSV} (set RCIC_REALDATA)")
+    return REAL_CSV
+
+
+def need_real_images() -> Path:
+    if not (REAL_IMAGES / "train").is_dir():
+        pytest.skip(f"real RxRx1 PNGs not found at {REAL_IMAGES} (set RCIC_REALDATA)")
+    return REAL_IMAGES
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `rcic` entry point in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "rcic.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rcic {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The `tiny` synthetic preset (32 px, 8 classes, 2 cell types) in the Kaggle 2019 layout."""
+    from rcic.synth import generate, preset
+
+    return generate(tmp_path_factory.mktemp("synth") / "tiny", preset("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_data, tmp_path_factory) -> Path:
+    from rcic.store import pack
+
+    return pack(tiny_data, tmp_path_factory.mktemp("store") / "tiny.zarr").path
+
+
+@pytest.fixture()
+def real_b02(tmp_path) -> Path:
+    """A Kaggle-layout folder holding the 12 real B02 wells: real CSV rows + the real PNG tree."""
+    csv, images = need_real_csvs(), need_real_images()
+    controls = pd.read_csv(csv / "train_controls.csv")
+    plates = {(p.parent.name, int(p.name.removeprefix("Plate"))) for p in (images / "train").glob("*/Plate*")}
+    on_disk = np.array([(e, p) in plates for e, p in zip(controls.experiment, controls.plate)])
+    keep = controls[on_disk & (controls.well == "B02").to_numpy()]
+    keep.to_csv(tmp_path / "train_controls.csv", index=False)
+    for name in ("train.csv", "test.csv", "test_controls.csv"):
+        pd.read_csv(csv / name, nrows=0).to_csv(tmp_path / name, index=False)
+    (tmp_path / "train").symlink_to(images / "train")
+    return tmp_path

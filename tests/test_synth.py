@@ -1,0 +1,76 @@
+"""The synthetic generator mirrors the real structure and is byte-reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from rcic.io import load_site, read_dataset
+from rcic.synth import generate, preset
+from tests.conftest import run_cli
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_structure_matches_real_rxrx1(tiny_data):
+    ds = read_dataset(tiny_data)
+    assert ds.layout == "kaggle-2019"
+    s = ds.summary()
+    assert s["treatment_classes"] == 8 and s["plate_groups"] == 4 and s["cell_types"] == ["HEPG2", "HUVEC"]
+    wells = ds.wells
+    # negative control at B02 of every plate, positive controls at fixed positions
+    neg = wells[wells.well_type == "negative_control"]
+    assert set(neg.well) == {"B02"} and len(neg) == wells.groupby(["experiment", "plate"]).ngroups
+    pos = wells[wells.well_type == "positive_control"]
+    assert set(pos.well) <= {f"{r}{c:02d}" for r in "CFHJM" for c in (3, 7, 11, 15, 19, 22)}
+    # treatments: each group once per plate, rotating cyclically; train rotations {0, 1}
+    groups = ds.plate_groups
+    assert [len(g) for g in groups.groups] == [2] * 4
+    assert {groups.rotation(o) for o in groups.orders.values()} == {0, 1}
+    # the test experiments use the 4th rotation, unseen in train
+    answers = pd.read_csv(tiny_data / "answers.csv", dtype=str).merge(ds.wells, on="id_code")
+    lookup = {label: g for g, members in enumerate(groups.groups) for label in members}
+    test_orders = {e: tuple(lookup[f.sirna.iloc[0]] for _, f in grp.groupby("plate"))
+                   for e, grp in answers.groupby("experiment")}
+    assert {groups.rotation(o) for o in test_orders.values()} == {3}
+    sample = pd.read_csv(tiny_data / "sample_submission.csv")
+    assert sample.id_code.tolist() == ds.test_ids and set(answers.id_code) == set(sample.id_code)
+
+
+def test_images_have_batch_effects_and_class_signal(tiny_data):
+    ds = read_dataset(tiny_data)
+    img = load_site(tiny_data, "HEPG2-01_1_B02", 1)
+    assert img.shape == (6, 32, 32) and img.dtype == np.uint8 and 3 < img.mean() < 120
+    means = {e: np.mean([load_site(tiny_data, f"{e}_{p}_B02", 1).mean(axis=(1, 2)) for p in range(1, 5)], axis=0)
+             for e in ds.wells.query("split == 'train'").experiment.unique()}
+    spread = np.std(list(means.values()), axis=0) / np.mean(list(means.values()), axis=0)
+    assert spread.max() > 0.1  # experiments differ in per-channel intensity (batch effect)
+
+
+def test_same_seed_same_bytes_any_workers(tmp_path):
+    config = preset("tiny", n_classes=4, n_positive=1, cell_types=("RPE",), train_experiments=1, image_size=16)
+    a = generate(tmp_path / "a", config, workers=1)
+    b = generate(tmp_path / "b", config, workers=2)
+    c = generate(tmp_path / "c", preset("tiny", n_classes=4, n_positive=1, cell_types=("RPE",),
+                                        train_experiments=1, image_size=16, seed=1))
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_synth_cli_2023_labels_and_refuses_nonempty(tmp_path):
+    run_cli("synth", tmp_path / "d", "--preset", "tiny", "--image-size", "16", "--label-style", "kaggle-2023",
+            "--cell-types", "U2OS")
+    ds = read_dataset(tmp_path / "d")
+    assert ds.layout == "kaggle-2023" and ds.vocab.labels[-1] == "UNTREATED"
+    assert all(label.startswith("sirna_") for label in ds.vocab.labels[:-1])
+    proc = run_cli("synth", tmp_path / "d", "--preset", "tiny", check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    proc = run_cli("synth", tmp_path / "e", "--n-classes", "6", check=False)
+    assert proc.returncode == 2 and "multiple of 4" in proc.stderr and not (tmp_path / "e").exists()
