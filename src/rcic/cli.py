@@ -148,6 +148,131 @@ def pack(
         console.print(f"[yellow]{result.missing} sites left out: see {result.path / 'missing.csv'}[/]")
 
 
+# ----------------------------------------------------------------------------------------------
+# Training, prediction, submission
+# ----------------------------------------------------------------------------------------------
+
+
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    recipe: Annotated[str, typer.Option(help="Recipe YAML file, or a shipped name: cpu-demo, winning, ...")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs, curves)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint")] = False,
+    devices: Annotated[str | None, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = None,
+    pseudo: Annotated[Path | None, typer.Option(help="Test logits (.npz) for pseudo-labels")] = None,
+    pseudo_fraction: Annotated[float, typer.Option(help="Fraction of test wells to pseudo-label")] = 0.5,
+) -> None:
+    """Train a model on held-out experiments with a YAML recipe (Lightning: checkpoints, resume, DDP)."""
+    from rcic.config import load_recipe
+    from rcic.store import open_source
+    from rcic.training import fit
+    from rcic.training.fit import is_child_rank
+
+    _quiet_lightning()
+    overrides = list(set_ or [])
+    if devices is not None:
+        overrides.append(f"trainer.devices={devices}")
+    recipe_ = load_recipe(recipe, overrides)
+    source = open_source(data)
+    extra = None
+    if pseudo is not None:
+        from rcic.predict import load_logits
+        from rcic.submit import leak_pseudo_labels
+
+        extra = leak_pseudo_labels(source.dataset, load_logits(pseudo), pseudo_fraction)
+        if not is_child_rank():
+            console.print(f"pseudo-labels: {len(extra)} test wells (mean confidence {extra.confidence.mean():.3f})")
+    result = fit(source, recipe_, out, resume=resume, extra_train=extra)
+    if not is_child_rank():
+        acc = "n/a" if result.best_val_acc is None else f"{result.best_val_acc:.4f}"
+        console.print(f"run {out}: best validation accuracy {acc} ({result.best_checkpoint}); "
+                      f"curves in {out / 'curves.png'}")
+
+
+@app.command()
+def predict(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
+    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    out: Annotated[Path, typer.Option(help="Output logits file (.npz)")],
+    split: Annotated[str, typer.Option(help="test, or val (the run's held-out experiments)")] = "test",
+    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
+    batch_size: Annotated[int, typer.Option(help="Images per batch")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader workers")] = 0,
+    embeddings: Annotated[bool, typer.Option(help="Also store the pooled features")] = False,
+) -> None:
+    """Well logits averaged over both sites, D4 TTA and all given runs."""
+    from rcic.predict import predict as run_predict
+    from rcic.predict import save_logits
+    from rcic.store import open_source
+
+    _quiet_lightning()
+    source = open_source(data)
+    with progress_bar(f"predict {split}") as update:
+        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update)
+    save_logits(out, logits)
+    console.print(f"wrote {out}: {len(logits.id_code)} wells x {len(logits.classes)} classes "
+                  f"({len(runs)} run(s), TTA x{tta})")
+
+
+@app.command()
+def submit(
+    data: Annotated[Path, typer.Option(help="RxRx1 folder or packed store (labels, plates, test wells)")],
+    logits: Annotated[list[Path], typer.Option(help="Logits .npz (repeat to average an ensemble)")],
+    out: Annotated[Path, typer.Option(help="Submission CSV to write")],
+    no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
+) -> None:
+    """Write id_code,sirna for every well: plate-leak assignment (default) or arg-max; validated first."""
+    import pandas as pd
+
+    from rcic.predict import average_logits
+    from rcic.store import open_source
+    from rcic.submit import make_submission, write_submission
+
+    dataset = open_source(data).dataset
+    result = make_submission(dataset, average_logits(logits), leak=not no_leak)
+    write_submission(out, result)
+    _table("Experiments" + (" (plate leak)" if not no_leak else " (arg-max)"), pd.DataFrame(result.experiments))
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
+    console.print(f"wrote {out}: {len(result.frame)} wells")
+
+
+@app.command()
+def score(
+    submission: Annotated[Path, typer.Option(help="Submission CSV (id_code,sirna)")],
+    answers: Annotated[Path, typer.Option(help="Answers CSV (id_code,sirna): synth answers.csv or train.csv")],
+    data: Annotated[Path | None, typer.Option(help="Dataset (optional; not needed to score)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Accuracy overall, per cell type and per experiment."""
+    import pandas as pd
+
+    from rcic.submit import read_submission_csv
+    from rcic.submit import score as score_submission
+
+    result = score_submission(read_submission_csv(submission), read_submission_csv(answers, "answers"))
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] over {result['wells']} wells")
+    _table("By cell type", pd.DataFrame(list(result["by_cell_type"].items()), columns=["cell_type", "accuracy"]))
+    _table("By experiment", pd.DataFrame(list(result["by_experiment"].items()), columns=["experiment", "accuracy"]))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -1,0 +1,101 @@
+"""The plate leak: choose each experiment's group order, then assign siRNAs per plate.
+
+Every plate carries one of 4 treatment groups (derived from the training labels, see
+``rcic.io.metadata.derive_plate_groups``) and the groups rotate cyclically over plates 1-4.
+For each experiment we score every group order by the summed log-probability mass that its
+wells put on their plate's group, take the best cyclic rotation (reporting the margin to the
+runner-up as its confidence, and whether the best of all 24 permutations agrees), then solve
+one linear assignment per plate (``scipy.optimize.linear_sum_assignment``) so each treatment is
+used at most once per plate, maximising the summed log-probability.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from scipy.special import log_softmax, logsumexp
+
+from rcic.io.metadata import PlateGroups
+
+
+@dataclass(frozen=True)
+class RotationChoice:
+    experiment: str
+    order: tuple[int, ...]  # group on plates 1..4
+    rotation: int | None  # cyclic shift, None for an order seen in train that is not a shift
+    score: float  # mean log-probability mass of a well on its plate's group
+    margin: float  # score minus the runner-up's: the confidence of the choice
+    permutations_agree: bool  # the best of all 24 permutations is this order
+    wells: int
+
+
+def group_masks(groups: PlateGroups, classes: list[str]) -> np.ndarray:
+    """(n_groups, n_classes) boolean: which class columns belong to each group."""
+    return np.array([[c in g for c in classes] for g in groups.groups], dtype=bool)
+
+
+def treatment_log_probs(logits: np.ndarray, classes: list[str], treatments: set[str]) -> tuple[np.ndarray, list[str]]:
+    """Log-softmax over the treatment columns only: control classes are never given to a treatment well."""
+    keep = [i for i, c in enumerate(classes) if c in treatments]
+    return log_softmax(logits[:, keep].astype(np.float64), axis=1), [classes[i] for i in keep]
+
+
+def choose_rotations(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str], groups: PlateGroups
+                     ) -> dict[str, RotationChoice]:
+    """The group order of every experiment in ``wells`` (columns experiment, plate)."""
+    masks = group_masks(groups, classes)
+    mass = np.stack([logsumexp(np.where(m, log_probs, -np.inf), axis=1) for m in masks], axis=1)  # (n, G)
+    candidates = groups.candidate_orders
+    n_groups = len(groups.groups)
+    choices = {}
+    all_plates = wells["plate"].to_numpy()
+    for experiment, idx in wells.groupby("experiment", sort=True).indices.items():
+        plates = all_plates[idx]
+        per_plate = np.zeros((4, n_groups))  # summed mass of plate p's wells on group g
+        for p in range(1, 5):
+            per_plate[p - 1] = mass[idx[plates == p]].sum(0)
+
+        def score(order, per_plate=per_plate, n=max(len(idx), 1)):
+            return sum(per_plate[p, g] for p, g in enumerate(order)) / n
+
+        ranked = sorted(((score(o), o) for o in candidates), reverse=True)
+        best_all = max(itertools.permutations(range(n_groups)), key=score)
+        (best_score, best), runner_up = ranked[0], ranked[1][0] if len(ranked) > 1 else -np.inf
+        choices[experiment] = RotationChoice(
+            experiment=experiment, order=tuple(best), rotation=groups.rotation(tuple(best)),
+            score=float(best_score), margin=float(best_score - runner_up),
+            permutations_agree=tuple(best_all) == tuple(best), wells=len(idx))
+    return choices
+
+
+def assign_plates(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str], groups: PlateGroups,
+                  choices: dict[str, RotationChoice]) -> np.ndarray:
+    """Column index assigned to each well: per plate, a linear assignment restricted to its group."""
+    masks = group_masks(groups, classes)
+    assigned = np.full(len(wells), -1, dtype=np.int64)
+    for (experiment, plate), rows in wells.groupby(["experiment", "plate"], sort=True).indices.items():
+        allowed = np.flatnonzero(masks[choices[experiment].order[plate - 1]])
+        scores = log_probs[np.ix_(rows, allowed)]
+        r, c = linear_sum_assignment(-scores)
+        assigned[rows[r]] = allowed[c]
+        left = np.setdiff1d(np.arange(len(rows)), r)  # more wells than group members: best in group
+        if len(left):
+            assigned[rows[left]] = allowed[scores[left].argmax(1)]
+    return assigned
+
+
+def pseudo_labels(wells: pd.DataFrame, log_probs: np.ndarray, assigned: np.ndarray, classes: list[str],
+                  fraction: float) -> pd.DataFrame:
+    """The most confident ``fraction`` of assigned wells, as (id_code, label, confidence).
+
+    After the plate assignment every class is used at most once per plate, so the chosen wells
+    carry one label per class per plate, as the 1st place solution did.
+    """
+    confidence = np.exp(log_probs[np.arange(len(assigned)), assigned])
+    order = np.argsort(-confidence, kind="stable")[: int(round(fraction * len(assigned)))]
+    return pd.DataFrame({"id_code": wells["id_code"].to_numpy()[order],
+                         "label": [classes[assigned[i]] for i in order], "confidence": confidence[order]})
