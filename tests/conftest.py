@@ -66,3 +66,13 @@ def real_b02(tmp_path) -> Path:
         pd.read_csv(csv / name, nrows=0).to_csv(tmp_path / name, index=False)
     (tmp_path / "train").symlink_to(images / "train")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, tmp_path_factory) -> Path:
+    """A 2-epoch cpu-demo run on the tiny store (shared by the prediction and submission tests)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, "--set", "data.num_workers=0",
+            "--set", "data.batch_size=16", "--set", "trainer.epochs=2", "--set", "data.folds=2",
+            "--set", "trainer.accelerator=cpu")
+    return out

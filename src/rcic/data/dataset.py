@@ -49,22 +49,27 @@ class SiteDataset(Dataset):
     """
 
     def __init__(self, source: ImageSource, rows: pd.DataFrame, normalization: str,
-                 augment: Callable[[np.ndarray], np.ndarray], norm_stats: np.ndarray | None = None):
+                 augment: Callable[[np.ndarray, np.random.Generator | None], np.ndarray],
+                 norm_stats: np.ndarray | None = None, seed: int = 0):
         self.source = source
         self.rows = rows.reset_index(drop=True)
         self.records = self.rows.to_dict("records")
         self.normalization = normalization
         self.augment = augment
         self.norm_stats = norm_stats
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int) -> dict:
+        # EpochSampler hands out epoch * len + index, so augmentation can be seeded per (epoch, sample)
+        epoch, i = divmod(int(key), len(self.records))
         row = self.records[i]
         image = self.source.read_site(row).transpose(1, 2, 0)  # (H, W, 6)
         stats = None if self.norm_stats is None else self.norm_stats[i]
-        image = self.augment(normalize(image, self.normalization, stats))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image = self.augment(normalize(image, self.normalization, stats), rng)
         return {
             "image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
             "label": torch.tensor(row["target"], dtype=torch.long),
@@ -75,19 +80,27 @@ class SiteDataset(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch): a resumed run sees the same order."""
+    """A shuffle that depends only on (seed, epoch), split across DDP ranks.
 
-    def __init__(self, n: int, seed: int):
+    A resumed run sees the same order. Keys are ``epoch * n + index`` so that the dataset can
+    seed each sample's augmentation by epoch (see ``SiteDataset.__getitem__``).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = -(-n // world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        order = np.resize(order, self.per_rank * self.world_size)  # pad by wrapping: equal work per rank
+        return iter((self.epoch * self.n + order[self.rank::self.world_size]).tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.per_rank
 
 
 def _worker_seed(worker_id: int) -> None:
@@ -170,7 +183,7 @@ class RxRxDataModule(L.LightningDataModule):
                             self.source.dataset.root)
         augment = build_augment(self.recipe.augment, self.input_size, train)
         norm = None if self._norm is None else self._norm[rows.index.to_numpy()]
-        return SiteDataset(self.source, rows, self.recipe.data.normalization, augment, norm)
+        return SiteDataset(self.source, rows, self.recipe.data.normalization, augment, norm, self.recipe.seed)
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
@@ -180,14 +193,18 @@ class RxRxDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size, sampler=None, drop_last=False) -> DataLoader:
         workers = self.recipe.data.num_workers
+        # a private generator: creating a loader's iterator never moves the global RNG (dropout, mixing)
+        generator = torch.Generator().manual_seed(self.recipe.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=drop_last, worker_init_fn=_worker_seed)
+                          drop_last=drop_last, worker_init_fn=_worker_seed, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         bs = self.recipe.data.batch_size
-        drop = len(self.train_set) > bs  # BatchNorm needs more than one sample
-        return self._loader(self.train_set, bs, EpochSampler(len(self.train_set), self.recipe.seed), drop)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpochSampler(len(self.train_set), self.recipe.seed, rank, world)
+        drop = len(sampler) > bs  # BatchNorm needs more than one sample
+        return self._loader(self.train_set, bs, sampler, drop)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.recipe.data.eval_batch_size or self.recipe.data.batch_size * 2)

@@ -66,8 +66,13 @@ def normalize(image: np.ndarray, mode: str, stats: np.ndarray | None = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def build_augment(config: AugmentConfig | None, size: int, train: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """The CPU transform for one (H, W, C) float32 image: D4, crop/resize, intensity jitter."""
+def build_augment(config: AugmentConfig | None, size: int, train: bool
+                  ) -> Callable[[np.ndarray, np.random.Generator | None], np.ndarray]:
+    """The CPU transform ``apply(image, rng)`` for one (H, W, C) float32 image: D4, crop/resize, jitter.
+
+    All randomness comes from ``rng``: a sample's augmentation is a function of (seed, epoch,
+    index), the same with any number of workers, on any rank, and after a resume.
+    """
     ops = []
     if train and config is not None:
         if config.d4:
@@ -79,15 +84,17 @@ def build_augment(config: AugmentConfig | None, size: int, train: bool) -> Calla
     compose = A.Compose(ops) if ops else None
     jitter = config.intensity_jitter if (train and config is not None) else 0.0
 
-    def apply(image: np.ndarray) -> np.ndarray:
+    def apply(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        rng = rng if rng is not None else np.random.default_rng()
         if compose is not None:
+            compose.set_random_seed(int(rng.integers(2**31)))
             image = compose(image=image)["image"]
         if image.shape[0] != size or image.shape[1] != size:
             image = _resize(image, size)
         if jitter > 0:
             c = image.shape[-1]
-            gain = 1 + np.random.uniform(-jitter, jitter, c).astype(np.float32)
-            shift = np.random.uniform(-jitter, jitter, c).astype(np.float32)
+            gain = 1 + rng.uniform(-jitter, jitter, c).astype(np.float32)
+            shift = rng.uniform(-jitter, jitter, c).astype(np.float32)
             image = image * gain + shift
         return np.ascontiguousarray(image)
 

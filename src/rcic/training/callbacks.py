@@ -31,7 +31,7 @@ class CurvesCallback(L.Callback):
         self.run_dir = Path(run_dir)
         self.history: list[dict] = []
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         path = self.run_dir / "history.csv"
         if path.is_file():  # a resumed run continues its history
             self.history = pd.read_csv(path).to_dict("records")

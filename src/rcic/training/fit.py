@@ -118,10 +118,17 @@ def fit(
         last = run_dir / "checkpoints" / "last.ckpt"
 
     t = recipe.trainer
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
-    per_epoch = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", save_top_k=-1,
-                                every_n_epochs=1, auto_insert_metric_name=False, enable_version_counter=False)
+    folder = run_dir / "checkpoints"
+    # best by validation accuracy (checked at every validation, also mid-epoch); one per epoch; and
+    # last.ckpt refreshed by every save of the periodic callbacks (a resume point at any time)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    per_epoch = ModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", save_top_k=-1, every_n_epochs=1,
+                                save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+    checkpoints = [best, per_epoch]
+    if t.val_every_n_steps:
+        checkpoints.append(ModelCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
+                                           every_n_train_steps=t.val_every_n_steps, enable_version_counter=False))
     bar = RichProgressBar(leave=True) if progress and os.isatty(2) else TQDMProgressBar(refresh_rate=20)
     dist = _distribution(recipe, devices)
     cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
@@ -137,8 +144,9 @@ def fit(
         limit_train_batches=t.limit_train_batches,
         num_sanity_val_steps=0,
         logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")],
-        callbacks=[best, per_epoch, CurvesCallback(run_dir), DdpAgreementCallback(run_dir), bar],
+        callbacks=[*checkpoints, CurvesCallback(run_dir), DdpAgreementCallback(run_dir), bar],
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # EpochSampler splits by rank itself (same order after a resume)
         deterministic=cpu,
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -7,8 +7,10 @@ rebuilt from its checkpoint alone (``RcicTask.load_from_checkpoint``).
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +128,14 @@ class RcicTask(L.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, [backbone_factor, factor])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- randomness is reseeded per epoch, so a resumed run replays the same dropout and mixing ----
+
+    def on_train_epoch_start(self) -> None:
+        seed = (self.recipe.seed * 100_003 + self.current_epoch * 101 + self.global_rank) % 2**32
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
     def parameter_checksum(self) -> float:
         return float(sum(p.detach().double().sum().item() for p in self.parameters()))

@@ -1,0 +1,122 @@
+"""Training from the CLI: recipes, run folder, resume, refusal to overwrite, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from rcic.config import RECIPE_DIR, load_recipe
+from rcic.errors import RecipeError
+from tests.conftest import run_cli
+
+# a resnet18-sized model on 32 px sites, a few steps: seconds on 2 cores
+TINY = ["--set", "data.num_workers=0", "--set", "data.batch_size=16", "--set", "trainer.epochs=2",
+        "--set", "data.folds=2", "--set", "trainer.accelerator=cpu"]
+
+
+def test_shipped_recipes_validate():
+    names = {p.stem for p in RECIPE_DIR.glob("*.yaml")}
+    assert {"cpu-demo", "winning", "seed-densenet121"} <= names
+    winning = load_recipe("winning")
+    assert winning.model.head == "cosine" and (winning.loss.ce, winning.loss.arcface) == (0.8, 0.2)
+    assert winning.data.classes == "treatments+controls" and winning.augment.cutmix > 0
+    seed = load_recipe("seed-densenet121")
+    assert seed.model.backbone == "densenet121" and seed.model.input == "rgb"
+    assert seed.data.batch_size * seed.optim.accumulate == 30
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.backbon=resnet18", "recipe key model.backbon: unknown key"),
+    ("optim.lr=-1", "recipe key optim.lr"),
+    ("data.normalization=zscore", "recipe key data.normalization"),
+    ("loss.arcface=0.5", "margin losses need model.head: cosine"),
+])
+def test_bad_recipe_keys_name_the_key(override, message):
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.")):
+        load_recipe("seed-densenet121", [override])
+
+
+def test_set_overrides_are_typed():
+    r = load_recipe("cpu-demo", ["optim.lr=3e-4", "trainer.image_size_schedule={0: 32, 2: 48}", "data.fold=1"])
+    assert r.optim.lr == 3e-4 and r.trainer.image_size_schedule == {0: 32, 2: 48} and r.data.fold == 1
+
+
+def _weights(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if v.dtype.is_floating_point}
+
+
+def test_train_writes_a_complete_run_and_refuses_to_overwrite(tiny_run, tiny_store, tmp_path):
+    files = {p.relative_to(tiny_run).as_posix() for p in tiny_run.rglob("*") if p.is_file()}
+    for expected in ("recipe.yaml", "run.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                     "checkpoints/epoch000.ckpt", "checkpoints/epoch001.ckpt", "logs/metrics.csv", "curves.png",
+                     "history.csv"):
+        assert expected in files, expected
+    assert any(f.startswith("tb/events") for f in files)
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert len(history) == 2 and {"val/acc", "val/acc_HEPG2", "val/acc_HUVEC", "val/loss"} <= set(history.columns)
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["val_experiments"] and info["train_sites"] > 0
+    before = (tiny_run / "recipe.yaml").read_text()
+    proc = run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", tiny_run, *TINY, check=False)
+    assert proc.returncode == 2 and "holds a run already" in proc.stderr
+    proc = run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", tiny_run, *TINY,
+                   "--set", "model.backbone=resnet34", "--resume", check=False)
+    assert proc.returncode == 2 and "another recipe" in proc.stderr and "model.backbone" in proc.stderr
+    assert (tiny_run / "recipe.yaml").read_text() == before
+
+
+def test_resume_continues_exactly(tiny_store, tmp_path):
+    """A run killed after epoch 1 and resumed ends with the same weights as one never stopped."""
+    full = tmp_path / "full"
+    args = ["--data", tiny_store, "--recipe", "cpu-demo", *TINY, "--set", "trainer.epochs=3"]
+    run_cli("train", *args, "--out", full)
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    for name in ("recipe.yaml", "run.json"):
+        (killed / name).write_bytes((full / name).read_bytes())
+    (killed / "checkpoints" / "last.ckpt").write_bytes((full / "checkpoints" / "epoch001.ckpt").read_bytes())
+    run_cli("train", *args, "--out", killed, "--resume")
+    a, b = _weights(full / "checkpoints" / "last.ckpt"), _weights(killed / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "model.backbone=resnet_not_a_model"], "unknown timm model 'resnet_not_a_model'"),
+    (["--set", "data.image_size=64"], "64 px asked, but the data's sites are 32 px"),
+    (["--set", "model.pretrained=maybe"], "recipe key model.pretrained"),
+])
+def test_bad_training_input_writes_nothing(tiny_store, tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    proc = run_cli("train", "--data", tmp_path / "missing", "--recipe", "cpu-demo", "--out", out, check=False)
+    assert proc.returncode == 2 and "data folder not found" in proc.stderr
+
+
+def test_variants_train_a_step(tiny_data, tmp_path):
+    """RGB-composite input + linear head, focal + CutMix, plate normalisation, progressive resizing, PNG input."""
+    run_cli("train", "--data", tiny_data, "--recipe", "seed-densenet121", "--out", tmp_path / "a", *TINY,
+            "--set", "model.backbone=resnet18", "--set", "model.pretrained=false", "--set", "data.image_size=32",
+            "--set", "trainer.epochs=1", "--set", "trainer.val_every_n_steps=1", "--set", "optim.accumulate=2",
+            "--set", "augment.cutmix=1.0", "--set", "loss.focal=0.5", "--set", "data.normalization=plate",
+            "--set", "trainer.image_size_schedule={0: 24}")
+    names = {p.name for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    assert {"best.ckpt", "last.ckpt", "latest-step.ckpt"} <= names
+    assert len(pd.read_csv(tmp_path / "a" / "logs" / "metrics.csv")["val/acc"].dropna()) >= 2  # mid-epoch validation
+
+
+def test_ddp_two_cpu_processes(tiny_store, tmp_path):
+    out = tmp_path / "ddp"
+    run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY,
+            "--set", "trainer.epochs=1", "--devices", "2")
+    check = json.loads((out / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["agree"] and len(check["checksums"]) == 2
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["best.ckpt", "epoch000.ckpt", "last.ckpt"]
