@@ -1,0 +1,100 @@
+"""predict -> submit -> score from the CLI, TTA kernels, ensembles, pseudo-labels and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rcic.data import d4_transform
+from rcic.io import read_dataset
+from rcic.predict import load_logits
+from tests.conftest import run_cli
+
+
+def test_d4_kernels_form_the_group():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    images = [d4_transform(x, k) for k in range(8)]
+    assert len({tuple(i.flatten().tolist()) for i in images}) == 8
+    assert torch.equal(d4_transform(d4_transform(x, 1), 3), x)  # four quarter turns
+    assert torch.equal(d4_transform(d4_transform(x, 4), 4), x)  # a flip twice
+
+
+@pytest.fixture(scope="module")
+def predictions(tiny_run, tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred")
+    run_cli("predict", tiny_run, "--data", tiny_store, "--split", "val", "--tta", "8", "--out", out / "val.npz")
+    run_cli("predict", tiny_run, "--data", tiny_store, "--split", "test", "--tta", "2", "--embeddings",
+            "--out", out / "test.npz")
+    run_cli("predict", tiny_run, tiny_run, "--data", tiny_store, "--split", "test", "--tta", "1",
+            "--checkpoint", "last", "--out", out / "test_last.npz")
+    return out
+
+
+def test_logits_files(predictions, tiny_run, tiny_data):
+    ds = read_dataset(tiny_data)
+    val, test = load_logits(predictions / "val.npz"), load_logits(predictions / "test.npz")
+    classes = json.loads((tiny_run / "run.json").read_text())["classes"]
+    assert val.classes == classes == test.classes and val.logits.dtype == np.float32
+    assert sorted(test.id_code) == sorted(ds.test_ids)  # one row per well (sites averaged)
+    assert test.extra["embeddings"].shape[0] == len(test.id_code)
+    val_experiments = json.loads((tiny_run / "run.json").read_text())["val_experiments"]
+    assert {i.rsplit("_", 2)[0] for i in val.id_code} == set(val_experiments)
+    truth = ds.wells.set_index("id_code").loc[val.id_code, "label"]
+    assert (val.extra["labels"] == truth.to_numpy()).all()
+
+
+def test_submit_and_score(predictions, tiny_data, tmp_path):
+    sub = tmp_path / "sub.csv"
+    proc = run_cli("submit", "--data", tiny_data, "--logits", predictions / "test.npz", "--out", sub)
+    assert "rotation" in proc.stdout
+    frame = pd.read_csv(sub, dtype=str)
+    sample = pd.read_csv(tiny_data / "sample_submission.csv", dtype=str)
+    assert frame.id_code.tolist() == sample.id_code.tolist()
+    ds = read_dataset(tiny_data)
+    assert set(frame.sirna) <= set(ds.vocab.treatment_labels)
+    merged = frame.merge(ds.wells, on="id_code")
+    assert not merged.duplicated(["experiment", "plate", "sirna"]).any()
+    result = json.loads(run_cli("score", "--submission", sub, "--answers", tiny_data / "answers.csv", "--json").stdout)
+    assert 0 <= result["accuracy"] <= 1 and set(result["by_cell_type"]) == {"HEPG2", "HUVEC"}
+    assert len(result["by_experiment"]) == 2
+    # ensemble of two logits files, arg-max; validation submission scored against train.csv
+    run_cli("submit", "--data", tiny_data, "--logits", predictions / "test.npz", "--logits",
+            predictions / "test_last.npz", "--no-leak", "--out", tmp_path / "ens.csv")
+    run_cli("submit", "--data", tiny_data, "--logits", predictions / "val.npz", "--out", tmp_path / "val.csv")
+    val = json.loads(run_cli("score", "--submission", tmp_path / "val.csv", "--answers", tiny_data / "train.csv",
+                             "--json").stdout)
+    assert val["wells"] == len(load_logits(predictions / "val.npz").id_code)
+
+
+def test_bad_input(predictions, tiny_data, tiny_run, tmp_path):
+    good = load_logits(predictions / "test.npz")
+    nan = good.logits.copy()
+    nan[3, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", id_code=good.id_code, logits=nan, classes=np.array(good.classes))
+    np.savez(tmp_path / "ids.npz", id_code=np.array(["HEPG2-99_1_B03"] + list(good.id_code[1:])),
+             logits=good.logits, classes=np.array(good.classes))
+    cases = [(["--logits", tmp_path / "nan.npz"], "NaN or infinite logits"),
+             (["--logits", tmp_path / "ids.npz"], "not wells of this data"),
+             (["--logits", tmp_path / "missing.npz"], "logits file not found")]
+    for args, message in cases:
+        out = tmp_path / "sub.csv"
+        proc = run_cli("submit", "--data", tiny_data, *args, "--out", out, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not out.exists() and not list(tmp_path.glob(".sub*"))
+    (tmp_path / "empty_run").mkdir()
+    proc = run_cli("predict", tmp_path / "empty_run", "--data", tiny_data, "--out", tmp_path / "x.npz", check=False)
+    assert proc.returncode == 2 and "no best checkpoint" in proc.stderr and not (tmp_path / "x.npz").exists()
+
+
+def test_pseudo_labels_join_training(predictions, tiny_store, tmp_path):
+    out = tmp_path / "pseudo"
+    run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, "--set", "data.num_workers=0",
+            "--set", "data.batch_size=16", "--set", "trainer.epochs=1", "--set", "data.folds=2",
+            "--pseudo", predictions / "test.npz", "--pseudo-fraction", "0.5")
+    info = json.loads((out / "run.json").read_text())
+    n_test_wells = len(load_logits(predictions / "test.npz").id_code)
+    assert info["pseudo_sites"] == 2 * round(0.5 * n_test_wells)
