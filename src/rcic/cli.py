@@ -273,6 +273,65 @@ def score(
     _table("By experiment", pd.DataFrame(list(result["by_experiment"].items()), columns=["experiment", "accuracy"]))
 
 
+# ----------------------------------------------------------------------------------------------
+# Reports and the demo
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def eda(
+    data: Annotated[Path, typer.Argument(help="RxRx1 folder (with or without images) or packed store")],
+    out: Annotated[Path, typer.Option(help="Report folder (index.html and its images)")],
+) -> None:
+    """An HTML report of a dataset: tables, plate map and groups, intensities by experiment, montages."""
+    from rcic.reports.eda import write_eda
+    from rcic.store import open_source
+
+    with progress_bar("eda") as update:
+        index = write_eda(open_source(data), out, progress=update)
+    console.print(f"wrote {index}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for every stage's output")] = Path("demo-out"),
+    preset: Annotated[str, typer.Option(help="Synthetic preset: small (CPU demo) or tiny (seconds)")] = "small",
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    epochs: Annotated[int | None, typer.Option(help="Override the cpu-demo recipe's epochs")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 2,
+) -> None:
+    """End to end on synthetic data: synth, info, pack, eda, train, predict, submit, score, report."""
+    import pandas as pd
+    from rich.progress import Progress, SpinnerColumn
+
+    from rcic.demo import STAGES, run_demo
+
+    _quiet_lightning()
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err_console) as bar:
+        overall = bar.add_task("demo", total=len(STAGES))
+        current = bar.add_task("", total=None)
+
+        def stage(name: str) -> None:
+            if bar.tasks[current].description:
+                bar.advance(overall)
+            bar.update(overall, description=f"demo: {name} ({STAGES.index(name) + 1}/{len(STAGES)})")
+            bar.reset(current, total=None, description=name)
+
+        def update(done: int, total: int) -> None:
+            bar.update(current, completed=done, total=total)
+
+        result = run_demo(out, preset, seed, epochs, workers, stage=stage, progress=update)
+        bar.update(overall, completed=len(STAGES))
+    s = result.summary
+    console.print(f"data: {s['train_wells']} train / {s['test_wells']} test treatment wells, "
+                  f"{s['treatment_classes']} siRNAs, {s['train_experiments']} + {s['test_experiments']} experiments")
+    _table(f"Accuracy (chance {result.accuracy.attrs['chance']:.3f})", pd.DataFrame(result.accuracy))
+    console.print(f"submission: {result.out / 'submission.csv'}")
+    console.print(f"report: [bold]{result.report}[/]")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -96,6 +96,7 @@ def fit(
     devices: int | str | None = None,
     extra_train: pd.DataFrame | None = None,
     progress: bool = True,
+    extra_callbacks: list[L.Callback] | None = None,
 ) -> FitResult:
     """Train ``recipe`` on ``source`` into ``run_dir``; ``extra_train`` adds pseudo-labelled wells."""
     run_dir = Path(run_dir)
@@ -129,7 +130,7 @@ def fit(
     if t.val_every_n_steps:
         checkpoints.append(ModelCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
                                            every_n_train_steps=t.val_every_n_steps, enable_version_counter=False))
-    bar = RichProgressBar(leave=True) if progress and os.isatty(2) else TQDMProgressBar(refresh_rate=20)
+    bars = [] if not progress else [RichProgressBar(leave=True) if os.isatty(2) else TQDMProgressBar(refresh_rate=20)]
     dist = _distribution(recipe, devices)
     cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
     trainer = L.Trainer(
@@ -144,7 +145,8 @@ def fit(
         limit_train_batches=t.limit_train_batches,
         num_sanity_val_steps=0,
         logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tb", version="")],
-        callbacks=[*checkpoints, CurvesCallback(run_dir), DdpAgreementCallback(run_dir), bar],
+        callbacks=[*checkpoints, CurvesCallback(run_dir), DdpAgreementCallback(run_dir), *bars,
+                   *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # EpochSampler splits by rank itself (same order after a resume)
         deterministic=cpu,

@@ -1,0 +1,133 @@
+"""The end-to-end demo on built-in synthetic data, stage by stage, each resumable.
+
+synth -> info -> pack -> eda -> train (cpu-demo, held-out experiments) -> predict (val, test; TTA)
+-> submit (with and without the plate leak) -> score -> report.html
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+
+from rcic.config import load_recipe
+from rcic.predict import Logits, load_logits, predict, save_logits
+from rcic.reports.eda import write_eda
+from rcic.reports.run_report import write_run_report
+from rcic.store import open_source, pack
+from rcic.submit import make_submission, read_submission_csv, score, write_submission
+from rcic.synth import generate, preset
+from rcic.training import fit
+
+STAGES = ("synth", "info", "pack", "eda", "train", "predict", "submit", "score", "report")
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    summary: dict
+    accuracy: pd.DataFrame
+    report: Path
+    rotations: pd.DataFrame
+
+
+class _TrainProgress(L.Callback):
+    def __init__(self, progress: Callable[[int, int], None]):
+        self.progress = progress
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        total = trainer.num_training_batches * trainer.max_epochs
+        self.progress(trainer.current_epoch * trainer.num_training_batches + args[-1] + 1, total)
+
+
+def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int = 0, epochs: int | None = None,
+             workers: int = 2, stage: Callable[[str], None] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> DemoResult:
+    """Run every stage into ``out``; a stage whose output is complete is not redone."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = stage or (lambda name: None)
+    progress = progress or (lambda done, total: None)
+
+    stage("synth")
+    data = out / "data"
+    if not (data / "answers.csv").is_file():
+        generate(data, preset(preset_name, seed=seed), workers=workers, progress=progress)
+
+    stage("info")
+    summary = open_source(data).dataset.summary()
+
+    stage("pack")
+    store_path = out / "store.zarr"
+    pack(data, store_path, compression="lz4", workers=workers, progress=progress)
+    source = open_source(store_path)
+
+    stage("eda")
+    write_eda(source, out / "eda", progress=progress)
+
+    stage("train")
+    overrides = [f"seed={seed}", f"data.num_workers={min(workers, 2)}"]
+    if epochs is not None:
+        overrides.append(f"trainer.epochs={epochs}")
+    recipe = load_recipe("cpu-demo", overrides)
+    run_dir = out / "run"
+    done = run_dir / "history.csv"
+    finished = done.is_file() and len(pd.read_csv(done)) >= recipe.trainer.epochs
+    if not finished:
+        resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        if not resume and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # an interrupted first epoch: nothing to keep
+        fit(source, recipe, run_dir, resume=resume, progress=False, extra_callbacks=[_TrainProgress(progress)])
+
+    stage("predict")
+    logits: dict[str, Logits] = {}
+    for name, split, tta in (("val_tta1", "val", 1), ("val_tta8", "val", 8), ("test_tta1", "test", 1),
+                             ("test_tta8", "test", 8)):
+        path = out / f"{name}.npz"
+        if not path.is_file():
+            save_logits(path, predict([run_dir], source, split=split, tta=tta, progress=progress))
+        logits[name] = load_logits(path)
+
+    stage("submit")
+    dataset = source.dataset
+    variants = {"arg-max": ("tta1", False), "+ TTA (x8)": ("tta8", False), "+ plate leak": ("tta8", True)}
+    submissions, rotations = {}, pd.DataFrame()
+    for split in ("val", "test"):
+        for label, (tta, leak) in variants.items():
+            result = make_submission(dataset, logits[f"{split}_{tta}"], leak=leak)
+            path = out / f"submission_{split}_{tta}{'_leak' if leak else ''}.csv"
+            write_submission(path, result)
+            submissions[(split, label)] = path
+            if split == "test" and leak:
+                rotations = result.experiments
+    (out / "submission.csv").write_bytes(submissions[("test", "+ plate leak")].read_bytes())
+
+    stage("score")
+    answers = {"val": read_submission_csv(data / "train.csv", "answers"),
+               "test": read_submission_csv(data / "answers.csv", "answers")}
+    rows, scores = [], {}
+    for (split, label), path in submissions.items():
+        s = score(read_submission_csv(path), answers[split])
+        rows.append({"split": "held-out (val)" if split == "val" else "test", "step": label,
+                     "accuracy": s["accuracy"], **s["by_cell_type"]})
+        scores[f"{split} {label}"] = s
+    chance = 1 / summary["treatment_classes"]
+    accuracy = pd.DataFrame(rows)
+    accuracy.attrs["chance"] = chance
+    (out / "accuracy.json").write_text(json.dumps({"chance": chance, "rows": rows}, indent=2))
+
+    stage("report")
+    val = logits["val_tta8"]
+    val_sub = read_submission_csv(submissions[("val", "+ plate leak")]).set_index("id_code")
+    confusion = (val.extra["labels"], val_sub.loc[val.id_code, "sirna"].to_numpy(),
+                 list(dataset.vocab.treatment_labels))
+    report = write_run_report(out, eda_dir=out / "eda", run_dir=run_dir, accuracy=accuracy,
+                              scores={k: v for k, v in scores.items() if k.startswith("val")},
+                              rotations=rotations, confusion=confusion, title="rcic demo report")
+    return DemoResult(out, summary, accuracy, report, rotations)
