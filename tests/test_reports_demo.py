@@ -1,0 +1,79 @@
+"""The demo end to end (tiny preset) and both HTML reports rendered in real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REAL_CSV, run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = run_cli("demo", "--out", out, "--preset", "tiny", "--epochs", "2", "--workers", "2")
+    assert "Accuracy" in proc.stdout and "report.html" in proc.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_demo_passes_through_every_stage(demo_dir):
+    for path in ("data/answers.csv", "store.zarr/zarr.json", "eda/index.html", "run/checkpoints/best.ckpt",
+                 "val_tta8.npz", "test_tta8.npz", "submission.csv", "accuracy.json", "report.html"):
+        assert (demo_dir / path).exists(), path
+    rows = json.loads((demo_dir / "accuracy.json").read_text())["rows"]
+    assert {r["step"] for r in rows} == {"arg-max", "+ TTA (x8)", "+ plate leak"}
+    # a second run reuses every finished stage
+    proc = run_cli("demo", "--out", demo_dir, "--preset", "tiny", "--epochs", "2")
+    assert "Accuracy" in proc.stdout
+
+
+def render(page_path: Path, screenshot: Path) -> tuple[list[str], list[bool], str]:
+    """Open a page in headless Chromium: console errors, whether each image loaded, the page text."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (the CI set-up installs it)")
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_path.resolve().as_uri(), wait_until="load")
+        loaded = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+        text = page.inner_text("body")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return errors, loaded, text
+
+
+@pytest.mark.browser
+def test_reports_render_in_chromium(demo_dir, tmp_path):
+    shots = Path(os.environ.get("RCIC_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    for page, must in ((demo_dir / "report.html", ["Accuracy", "Plate rotations", "Confusion overview",
+                                                   "Reproduce on real data"]),
+                       (demo_dir / "eda" / "index.html", ["Plate map", "Montages", "batch effect"])):
+        errors, loaded, text = render(page, shots / f"{page.parent.name}-{page.stem}.png")
+        assert errors == [], errors
+        assert loaded and all(loaded), loaded
+        assert all(m in text for m in must)
+        assert (shots / f"{page.parent.name}-{page.stem}.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_eda_on_real_csvs_without_images(tmp_path):
+    if not (REAL_CSV / "train.csv").is_file():
+        pytest.skip("real CSVs not present")
+    run_cli("eda", REAL_CSV, "--out", tmp_path / "eda")
+    errors, loaded, text = render(tmp_path / "eda" / "index.html", tmp_path / "real.png")
+    assert errors == [] and all(loaded)
+    assert "No images could be read" in text and "HUVEC-01" in text
