@@ -161,3 +161,17 @@ def test_plate_groups_from_labels_not_literals():
     assert [set(g) for g in found.groups] == [set(g) for g in groups]
     assert found.orders == {"X-01": (0, 1, 2, 3), "X-02": (1, 2, 3, 0)}
     assert found.usable and found.rotation((3, 0, 1, 2)) == 3
+
+
+def test_plate_groups_survive_a_stray_well():
+    """A well whose label belongs to another group (as in the 2023 files' extra wells) merges nothing."""
+    rows = []
+    groups = [("a", "b", "c"), ("d", "e", "f"), ("g", "h", "i"), ("j", "k", "l")]
+    for exp, rot in (("X-01", 0), ("X-02", 1), ("X-03", 2)):
+        for p in range(1, 5):
+            for label in groups[(p - 1 + rot) % 4]:
+                rows.append({"experiment": exp, "plate": p, "well_type": "treatment", "label": label})
+    rows.append({"experiment": "X-03", "plate": 1, "well_type": "treatment", "label": "a"})  # stray
+    found = derive_plate_groups(pd.DataFrame(rows))
+    assert [set(g) for g in found.groups] == [set(g) for g in groups]
+    assert found.orders["X-03"] == (2, 3, 0, 1)

@@ -98,3 +98,19 @@ def test_pseudo_labels_join_training(predictions, tiny_store, tmp_path):
     info = json.loads((out / "run.json").read_text())
     n_test_wells = len(load_logits(predictions / "test.npz").id_code)
     assert info["pseudo_sites"] == 2 * round(0.5 * n_test_wells)
+
+
+def test_submission_keeps_2023_label_spelling(tmp_path):
+    """A kaggle-2023 dataset gets sirna_<k> labels back, in sample_submission order."""
+    from rcic.predict import Logits, save_logits
+
+    run_cli("synth", tmp_path / "d", "--preset", "tiny", "--image-size", "16", "--label-style", "kaggle-2023")
+    ds = read_dataset(tmp_path / "d")
+    ids = np.array(ds.test_ids)
+    rng = np.random.default_rng(0)
+    save_logits(tmp_path / "l.npz", Logits(ids, rng.normal(size=(len(ids), len(ds.vocab))).astype(np.float32),
+                                           list(ds.vocab.labels)))
+    run_cli("submit", "--data", tmp_path / "d", "--logits", tmp_path / "l.npz", "--out", tmp_path / "s.csv")
+    sub = pd.read_csv(tmp_path / "s.csv", dtype=str)
+    assert sub.id_code.tolist() == ds.test_ids and sub.sirna.str.fullmatch(r"sirna_\d+").all()
+    assert set(sub.sirna) <= set(ds.vocab.treatment_labels)

@@ -255,49 +255,46 @@ class PlateGroups:
 def derive_plate_groups(wells: pd.DataFrame) -> PlateGroups:
     """Derive the treatment groups from the labelled treatment wells.
 
-    Treatments that share a plate are in one group (union-find over plates), so the groups
-    come from the labels and are never pasted in as literals.
+    Two treatments are in one group when they share most of the plates they appear on (a
+    treatments x treatments co-occurrence count, connected components over the strong links),
+    so a stray well with a label from another group does not merge two groups. The groups come
+    from the labels and are never pasted in as literals.
     """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
     treated = wells[(wells["well_type"] == "treatment") & (wells["label"] != "")]
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    plates = treated.groupby(["experiment", "plate"], sort=True)["label"]
-    for _, labels in plates:
-        labels = labels.tolist()
-        root = find(labels[0])
-        for label in labels[1:]:
-            other = find(label)
-            if other != root:
-                parent[other] = root
-    components: dict[str, set[str]] = {}
-    for label in parent:
-        components.setdefault(find(label), set()).add(label)
-    if not components:
+    if treated.empty:
         return PlateGroups(groups=())
+    labels = sorted(treated["label"].unique(), key=_natural_key)
+    label_index = {label: i for i, label in enumerate(labels)}
+    plate_keys = treated["experiment"] + "|" + treated["plate"].astype(str)
+    plate_codes, plate_names = pd.factorize(plate_keys, sort=True)
+    incidence = csr_matrix((np.ones(len(treated)), (plate_codes, treated["label"].map(label_index).to_numpy())),
+                           shape=(len(plate_names), len(labels)))
+    incidence.data[:] = 1.0
+    shared = (incidence.T @ incidence).toarray()  # plates shared by each pair of treatments
+    seen = np.diag(shared)
+    strong = shared * 2 > np.minimum.outer(seen, seen)  # together on most of their plates
+    n_groups, component = connected_components(csr_matrix(strong), directed=False)
 
-    plate_sets = {key: set(labels) for key, labels in plates}
-    experiments = sorted({e for e, _ in plate_sets})
-    full = [e for e in experiments if all((e, p) in plate_sets for p in range(1, N_PLATES + 1))]
-    root_of_component = {find(next(iter(c))): c for c in components.values()}
-    ordered: list[set[str]] = []
+    # order the groups so that the first fully labelled experiment reads (0, 1, 2, 3)
+    by_plate = pd.DataFrame({"plate": plate_keys.to_numpy(), "group": component[treated["label"].map(label_index)]})
+    plate_group = by_plate.groupby("plate")["group"].agg(lambda g: g.value_counts().index[0])
+    experiments = sorted(treated["experiment"].unique())
+    full = [e for e in experiments if all(f"{e}|{p}" in plate_group.index for p in range(1, N_PLATES + 1))]
+    ordered: list[int] = []
     if full:
         for p in range(1, N_PLATES + 1):
-            comp = root_of_component[find(next(iter(plate_sets[(full[0], p)])))]
-            if comp not in ordered:
-                ordered.append(comp)
-    rest = sorted((c for c in components.values() if c not in ordered), key=lambda c: min(c, key=_natural_key))
+            g = int(plate_group[f"{full[0]}|{p}"])
+            if g not in ordered:
+                ordered.append(g)
+    members = [[labels[i] for i in np.flatnonzero(component == g)] for g in range(n_groups)]
+    rest = sorted((g for g in range(n_groups) if g not in ordered), key=lambda g: _natural_key(members[g][0]))
     ordered.extend(rest)
-    group_of = {label: g for g, comp in enumerate(ordered) for label in comp}
-    orders = {
-        e: tuple(group_of[next(iter(plate_sets[(e, p)]))] for p in range(1, N_PLATES + 1)) for e in full
-    }
-    return PlateGroups(groups=tuple(frozenset(c) for c in ordered), orders=orders)
+    rank = {g: k for k, g in enumerate(ordered)}
+    orders = {e: tuple(rank[int(plate_group[f"{e}|{p}"])] for p in range(1, N_PLATES + 1)) for e in full}
+    return PlateGroups(groups=tuple(frozenset(members[g]) for g in ordered), orders=orders)
 
 
 # ----------------------------------------------------------------------------------------------

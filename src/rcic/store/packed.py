@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numcodecs
 import numpy as np
 import pandas as pd
 import zarr
@@ -43,10 +44,13 @@ def _compressors(name: str):
     match name:
         case "none":
             return None
+        # Measured on real 512 px sites (BENCHMARKS.md): bit-shuffling costs ~10x in decode speed for
+        # ~3% smaller files, so no shuffle. "lz4" uses the LZ4HC encoder (slower packing, same fast
+        # LZ4 decoding, ~1.2x smaller than LZ4's default encoder on these noisy images).
         case "lz4":
-            return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+            return [BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle", blocksize=0)]
         case "zstd":
-            return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+            return [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", blocksize=0)]
     raise DataError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 
@@ -252,6 +256,7 @@ class PackedStore:
     @property
     def images(self):
         if self._images is None:
+            numcodecs.blosc.set_nthreads(1)  # one decoding thread per reader (DataLoader workers read in parallel)
             self._images = zarr.open_array(self.path / "images", mode="r")
         return self._images
 
