@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Shared set-up: a virtualenv in the repo (.venv) with rcic installed, redone when pyproject.toml changes.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-      PY="$candidate"; break
-    fi
-  done
-fi
-[ -n "$PY" ] || { echo "rcic needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-STAMP=".venv/.rcic-installed-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -f "$STAMP" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
-  rm -f .venv/.rcic-installed-* && touch "$STAMP"
-fi
-export PATH="$ROOT/.venv/bin:$PATH"
+# Shared set-up: a virtualenv in the repo (.venv) with rcic installed, redone when pyproject.toml
+# changes. Sourced by demo.sh and test.sh; `source scripts/env.sh` also puts `rcic` on your PATH.
+RCIC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_rcic_setup() {
+  local py="${PYTHON:-}" candidate stamp
+  if [ -z "$py" ]; then
+    for candidate in python3.11 python3; do
+      if command -v "$candidate" >/dev/null &&
+        "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        py="$candidate"; break
+      fi
+    done
+  fi
+  if [ -z "$py" ]; then echo "rcic needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; return 1; fi
+  if [ ! -x "$RCIC_ROOT/.venv/bin/python" ]; then
+    "$py" -m venv "$RCIC_ROOT/.venv" || return 1
+  fi
+  stamp="$RCIC_ROOT/.venv/.rcic-installed-$(sha256sum "$RCIC_ROOT/pyproject.toml" | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "installing rcic and its pinned dependencies into .venv (first run only)" >&2
+    "$RCIC_ROOT/.venv/bin/python" -m pip install --quiet --upgrade pip &&
+      "$RCIC_ROOT/.venv/bin/python" -m pip install --quiet -e "$RCIC_ROOT[dev]" || return 1
+    rm -f "$RCIC_ROOT"/.venv/.rcic-installed-* && touch "$stamp"
+  fi
+  export PATH="$RCIC_ROOT/.venv/bin:$PATH"
+}
+_rcic_setup
