@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -112,10 +115,17 @@ def test_variants_train_a_step(tiny_data, tmp_path):
     assert len(pd.read_csv(tmp_path / "a" / "logs" / "metrics.csv")["val/acc"].dropna()) >= 2  # mid-epoch validation
 
 
-def test_ddp_two_cpu_processes(tiny_store, tmp_path):
+@pytest.mark.parametrize("launcher", ["devices", "torchrun"])
+def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     out = tmp_path / "ddp"
-    run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY,
-            "--set", "trainer.epochs=1", "--devices", "2")
+    args = ["train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY, "--set", "trainer.epochs=1"]
+    if launcher == "devices":
+        run_cli(*args, "--devices", "2")
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rcic.cli", *map(str, args)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["agree"] and len(check["checksums"]) == 2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from rcic.config import Recipe
 from rcic.data.transforms import build_augment, group_channel_stats, normalize
@@ -207,4 +207,9 @@ class RxRxDataModule(L.LightningDataModule):
         return self._loader(self.train_set, bs, sampler, drop)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.recipe.data.eval_batch_size or self.recipe.data.batch_size * 2)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:  # each rank validates its shard
+            sampler = DistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False)
+        return self._loader(self.val_set, self.recipe.data.eval_batch_size or self.recipe.data.batch_size * 2,
+                            sampler)
