@@ -130,3 +130,20 @@ def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     assert check["world_size"] == 2 and check["agree"] and len(check["checksums"]) == 2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["best.ckpt", "epoch000.ckpt", "last.ckpt"]
+
+
+def test_pretrained_weights_from_a_local_file_adapt_to_six_channels(tmp_path):
+    """ImageNet-style weights from a file: timm tiles the RGB first conv over 6 channels (x 3/6)."""
+    import timm
+
+    from rcic.models.net import create_backbone
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    recipe = load_recipe("cpu-demo", [f"model.pretrained_file={tmp_path / 'weights.pth'}"])
+    conv = create_backbone(recipe.model, 6).conv1.weight.detach()
+    assert conv.shape[1] == 6
+    torch.testing.assert_close(conv[:, :3], reference.conv1.weight.detach() * 0.5)
+    torch.testing.assert_close(conv[:, 3:], reference.conv1.weight.detach() * 0.5)
+    with pytest.raises(RecipeError, match="not available offline"):
+        create_backbone(load_recipe("cpu-demo", ["model.pretrained=true"]).model, 6)

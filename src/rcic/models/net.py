@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import timm
 import torch
@@ -42,6 +43,22 @@ class CosineHead(nn.Module):
         return F.linear(F.normalize(x), F.normalize(self.weight))
 
 
+@contextmanager
+def _offline_hub():
+    """rcic never downloads at run time: pretrained weights come from the local cache or a file."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without the hub client: nothing to switch off
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def create_backbone(config: ModelConfig, in_chans: int) -> nn.Module:
     """A timm model without classifier; timm adapts a pretrained first conv to ``in_chans``."""
     if not timm.is_model(config.backbone):
@@ -53,7 +70,8 @@ def create_backbone(config: ModelConfig, in_chans: int) -> nn.Module:
     if config.pretrained_file:
         kwargs["pretrained_cfg_overlay"] = {"file": config.pretrained_file}
     try:
-        return timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+        with _offline_hub():
+            return timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
