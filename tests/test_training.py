@@ -147,3 +147,14 @@ def test_pretrained_weights_from_a_local_file_adapt_to_six_channels(tmp_path):
     torch.testing.assert_close(conv[:, 3:], reference.conv1.weight.detach() * 0.5)
     with pytest.raises(RecipeError, match="not available offline"):
         create_backbone(load_recipe("cpu-demo", ["model.pretrained=true"]).model, 6)
+
+
+def test_same_seed_same_weights_on_cpu(tiny_store, tmp_path):
+    args = ["--data", tiny_store, "--recipe", "cpu-demo", *TINY, "--set", "trainer.epochs=1",
+            "--set", "augment.cutmix=0.5"]
+    run_cli("train", *args, "--out", tmp_path / "a")
+    run_cli("train", *args, "--out", tmp_path / "b")
+    run_cli("train", *args, "--set", "seed=1", "--out", tmp_path / "c")
+    a, b, c = (_weights(tmp_path / r / "checkpoints" / "last.ckpt") for r in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

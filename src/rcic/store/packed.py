@@ -125,8 +125,7 @@ def pack(
     dataset = read_dataset(data)
     sites = dataset.sites
     if size is None:
-        first = sites.iloc[0]
-        size = load_site(data, first["id_code"], int(first["site"]), first["split"], channels=(1,)).shape[-1]
+        size = _probe_size(data, sites, skip_missing)
     if not 8 <= size <= 4096:
         raise DataError(f"--size must be in 8-4096, got {size}")
     out = Path(out)
@@ -176,6 +175,17 @@ def pack(
             collect(_pack_block(job))
     group.attrs["complete"] = True
     return PackResult(out, len(sites), int(ok.sum()), int((~ok).sum()), resumed)
+
+
+def _probe_size(data, sites: pd.DataFrame, skip_missing: bool) -> int:
+    """The stored site size: that of the first readable site (``--size`` defaults to it)."""
+    for row in sites.head(1000 if skip_missing else 1).to_dict("records"):
+        try:
+            return load_site(data, row["id_code"], int(row["site"]), row["split"], channels=(1,)).shape[-1]
+        except DataError:
+            if not skip_missing:
+                raise
+    raise DataError("no readable site images among the first 1000 sites", data)
 
 
 def _create_store(out: Path, dataset: Dataset, size: int, compression: str, fingerprint: str, n_blocks: int):
