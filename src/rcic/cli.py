@@ -220,6 +220,8 @@ def predict(
     from rcic.store import open_source
 
     _quiet_lightning()
+    if out.suffix != ".npz":
+        raise RcicError("logits files end in .npz", out)
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update)

@@ -107,6 +107,7 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     if split not in ("test", "val"):
         raise RcicError(f"--split must be test or val, got {split!r}")
     runs = [(Path(r), load_task(find_checkpoint(r, checkpoint))) for r in run_dirs]
+    log.info("predicting %s with %d run(s), TTA x%d, %s checkpoint", split, len(runs), tta, checkpoint)
     ids, total, ftotal, classes, labels = None, None, None, None, None
     for i, (run_dir, task) in enumerate(runs):
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(runs) * n))

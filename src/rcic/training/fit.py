@@ -155,6 +155,8 @@ def fit(
         log_every_n_steps=5,
         **dist,
     )
+    log.info("training %s on %s: fold %d, %d train / %d val sites, %s", recipe.name, source.dataset.root,
+             recipe.data.fold, len(dm.train_rows()), len(dm.val_rows()), "resuming" if last else "new run")
     trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last else None)
     best_path = Path(best.best_model_path) if best.best_model_path else None
     score = float(best.best_model_score) if best.best_model_score is not None else None
