@@ -24,6 +24,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from rcic import __version__
+
+        print(f"rcic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """RxRx1 cell-painting toolkit: from 6-channel PNGs to a leaderboard-ready submission."""
+
+
 @contextmanager
 def progress_bar(description: str):
     """A rich progress bar; yields a ``progress(done, total)`` callback for library code."""
