@@ -58,7 +58,8 @@ def test_submit_and_score(predictions, tiny_data, tmp_path):
     assert set(frame.sirna) <= set(ds.vocab.treatment_labels)
     merged = frame.merge(ds.wells, on="id_code")
     assert not merged.duplicated(["experiment", "plate", "sirna"]).any()
-    result = json.loads(run_cli("score", "--submission", sub, "--answers", tiny_data / "answers.csv", "--json").stdout)
+    result = json.loads(run_cli("score", "--data", tiny_data, "--submission", sub, "--answers",
+                                tiny_data / "answers.csv", "--json").stdout)
     assert 0 <= result["accuracy"] <= 1 and set(result["by_cell_type"]) == {"HEPG2", "HUVEC"}
     assert len(result["by_experiment"]) == 2
     # ensemble of two logits files, arg-max; validation submission scored against train.csv

@@ -271,7 +271,7 @@ def submit(
 def score(
     submission: Annotated[Path, typer.Option(help="Submission CSV (id_code,sirna)")],
     answers: Annotated[Path, typer.Option(help="Answers CSV (id_code,sirna): synth answers.csv or train.csv")],
-    data: Annotated[Path | None, typer.Option(help="Dataset (optional; not needed to score)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset: checks that the submission's wells are its wells")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Accuracy overall, per cell type and per experiment."""
@@ -280,7 +280,16 @@ def score(
     from rcic.submit import read_submission_csv
     from rcic.submit import score as score_submission
 
-    result = score_submission(read_submission_csv(submission), read_submission_csv(answers, "answers"))
+    frame = read_submission_csv(submission)
+    if data is not None:
+        from rcic.store import open_source
+
+        known = set(open_source(data).dataset.wells["id_code"])
+        unknown = [i for i in frame["id_code"] if i not in known]
+        if unknown:
+            raise RcicError(f"{len(unknown)} submitted wells are not wells of {data} (first {unknown[0]!r})",
+                            submission)
+    result = score_submission(frame, read_submission_csv(answers, "answers"))
     if as_json:
         print(json.dumps(result))
         return
