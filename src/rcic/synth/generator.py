@@ -157,7 +157,7 @@ def _write_csvs(wells: pd.DataFrame, labels: list[str], out: Path) -> None:
 def class_effects(config: SynthConfig, cls: int) -> dict[str, float]:
     """Morphology multipliers of one class: strong for controls, strong-to-subtle for siRNAs."""
     rng = np.random.default_rng([config.seed, 2, cls])
-    strength = 1.6 if cls >= config.n_classes else rng.uniform(0.35, 1.0)
+    strength = 1.6 if cls >= config.n_classes else rng.uniform(0.15, 0.7)
     z = rng.standard_normal(9) * strength
     return {
         "nucleus": float(np.exp(0.22 * z[0])),
