@@ -195,7 +195,8 @@ def _create_store(out: Path, dataset: Dataset, size: int, compression: str, fing
     n = len(dataset.sites)
     group.create_array("images", shape=(n, 6, size, size), chunks=(1, 6, size, size), dtype="uint8",
                        compressors=compressors, fill_value=0)
-    group.create_array("stats", shape=(n, 6, 2), chunks=(max(n, 1), 6, 2), dtype="float32", fill_value=0.0)
+    # one stats chunk per pack block: each worker writes only its own chunks (no shared chunk races)
+    group.create_array("stats", shape=(n, 6, 2), chunks=(BLOCK, 6, 2), dtype="float32", fill_value=0.0)
     group.create_array("ok", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=True)
     group.create_array("done", shape=(n_blocks,), chunks=(max(n_blocks, 1),), dtype="bool", fill_value=False)
     atomic_write_text(out / "sites.csv", dataset.sites.to_csv(index=False))
