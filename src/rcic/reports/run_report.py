@@ -88,7 +88,8 @@ def write_run_report(out: Path, *, eda_dir: Path | None, run_dir: Path, accuracy
     if confusion is not None:
         confusion_plot(*confusion, files / "confusion.png")
         sections.append(section("Confusion overview", figure("report_files/confusion.png",
-                                                             "Row-normalised confusion on held-out wells")))
+                                                             "Row-normalised confusion on held-out wells "
+                                                             "(arg-max with TTA, before the plate leak)")))
     else:
         sections.append(section("Confusion overview", note("No validation predictions.")))
     sections.append(section("Reproduce on real data", f"<pre>{html.escape(commands)}</pre>"))
