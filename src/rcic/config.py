@@ -94,6 +94,7 @@ class TrainerConfig(_Strict):
     val_every_n_steps: int | None = Field(None, ge=1)
     image_size_schedule: dict[int, int] | None = None
     limit_train_batches: int | float | None = None
+    keep_epoch_checkpoints: int | None = Field(None, ge=1, description="Keep the N latest per-epoch files")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)

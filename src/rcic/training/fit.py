@@ -124,8 +124,10 @@ def fit(
     # last.ckpt refreshed by every save of the periodic callbacks (a resume point at any time)
     best = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max", save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)
-    per_epoch = ModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", save_top_k=-1, every_n_epochs=1,
-                                save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+    keep = t.keep_epoch_checkpoints  # None: every epoch's file stays; N: the N latest (monitor the step)
+    per_epoch = ModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", every_n_epochs=1, save_last=True,
+                                save_top_k=-1 if keep is None else keep, monitor=None if keep is None else "step",
+                                mode="max", auto_insert_metric_name=False, enable_version_counter=False)
     checkpoints = [best, per_epoch]
     if t.val_every_n_steps:
         checkpoints.append(ModelCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
