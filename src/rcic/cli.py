@@ -252,7 +252,6 @@ def submit(
     no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
 ) -> None:
     """Write id_code,sirna for every well: plate-leak assignment (default) or arg-max; validated first."""
-    import pandas as pd
 
     from rcic.predict import average_logits
     from rcic.store import open_source
@@ -261,7 +260,7 @@ def submit(
     dataset = open_source(data).dataset
     result = make_submission(dataset, average_logits(logits), leak=not no_leak)
     write_submission(out, result)
-    _table("Experiments" + (" (plate leak)" if not no_leak else " (arg-max)"), pd.DataFrame(result.experiments))
+    _table("Experiments" + (" (plate leak)" if not no_leak else " (arg-max)"), result.experiments)
     for note in result.notes:
         console.print(f"[yellow]{note}[/]")
     console.print(f"wrote {out}: {len(result.frame)} wells")

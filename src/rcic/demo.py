@@ -7,6 +7,7 @@ synth -> info -> pack -> eda -> train (cpu-demo, held-out experiments) -> predic
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,6 @@ def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int
     if not finished:
         resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
         if not resume and run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)  # an interrupted first epoch: nothing to keep
         fit(source, recipe, run_dir, resume=resume, progress=False, extra_callbacks=[_TrainProgress(progress)])
 

@@ -57,8 +57,7 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, tta: int = 8, b
     """Per-site logits of one run, averaged over the TTA transforms: (rows, logits, features)."""
     if tta not in TTA_SETS:
         raise RcicError(f"--tta must be one of {', '.join(map(str, TTA_SETS))}, got {tta}")
-    recipe = task.recipe.model_copy(deep=True)
-    dm = RxRxDataModule(source, recipe)
+    dm = RxRxDataModule(source, task.recipe)
     if list(dm.classes) != task.classes:
         raise DataError("the run's classes differ from this data's (another dataset or label spelling?)",
                         source.dataset.root)

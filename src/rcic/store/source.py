@@ -29,12 +29,18 @@ class PngSource:
         self.root = Path(root)
         self.dataset = read_dataset(self.root)
         self.image_size: int | None = None
+        self._stats: np.ndarray | None = None
 
     def read_site(self, row) -> np.ndarray:
         return load_site(self.root, row["id_code"], int(row["site"]), row["split"])
 
     def channel_stats(self, progress=None) -> np.ndarray:
-        """(n_sites, 6, 2) per-channel mean and std, by reading every site (pack once to avoid this)."""
+        """(n_sites, 6, 2) per-channel mean and std, by reading every site once (pack to avoid this).
+
+        Cached: training, validation and every run of an ensemble share one pass over the PNGs.
+        """
+        if self._stats is not None:
+            return self._stats
         sites = self.dataset.sites
         out = np.zeros((len(sites), 6, 2), np.float32)
         for i, row in enumerate(sites.to_dict("records")):
@@ -42,6 +48,7 @@ class PngSource:
             out[i, :, 0], out[i, :, 1] = flat.mean(-1), flat.std(-1)
             if progress:
                 progress(i + 1, len(sites))
+        self._stats = out
         return out
 
 
