@@ -126,16 +126,29 @@ def synth(
     test_experiments: Annotated[int | None, typer.Option(help="Test experiments per cell type")] = None,
     cell_types: Annotated[str | None, typer.Option(help="Comma-separated, e.g. HEPG2,HUVEC")] = None,
     label_style: Annotated[str | None, typer.Option(help="kaggle-2019 (integers) or kaggle-2023 (sirna_<k>)")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    layout: Annotated[str | None, typer.Option(help="kaggle (default) or wilds (the WILDS release: metadata.csv, "
+                                                    "RGB composites, train/val/test)")] = None,
+    batch_effect: Annotated[float | None, typer.Option(help="Strength of experiment batch effects (1 = default)")
+                            ] = None,
+    effect_size: Annotated[float | None, typer.Option(help="Median strength of siRNA effects (0.425)")] = None,
+    effect_spread: Annotated[float | None, typer.Option(help="Spread of siRNA strengths, 0-1 (0.65)")] = None,
+    cell_type_effect: Annotated[float | None, typer.Option(help="Share of an effect specific to the cell type, "
+                                                                "0-1 (0)")] = None,
+    morphology: Annotated[float | None, typer.Option(help="How different the cell types look, 0-3 (1)")] = None,
+    missing_wells: Annotated[float | None, typer.Option(help="Fraction of treatment wells missing per plate "
+                                                             "(0)")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes", min=1)] = 1,
 ) -> None:
-    """Generate a synthetic RxRx1 dataset in the Kaggle 2019 layout, with answers.csv for scoring."""
+    """Generate a synthetic RxRx1 dataset (Kaggle or WILDS layout) with answers.csv and gene tables."""
     from rcic.synth import generate
     from rcic.synth import preset as make_preset
 
     config = make_preset(
         preset, seed=seed, n_classes=n_classes, n_positive=n_positive, image_size=image_size,
         train_experiments=train_experiments, test_experiments=test_experiments, label_style=label_style,
-        cell_types=tuple(c.strip() for c in cell_types.split(",")) if cell_types else None)
+        cell_types=tuple(c.strip() for c in cell_types.split(",")) if cell_types else None, layout=layout,
+        batch_effect=batch_effect, effect_size=effect_size, effect_spread=effect_spread,
+        cell_type_effect=cell_type_effect, morphology=morphology, missing_wells=missing_wells)
     with progress_bar("synth sites") as update:
         generate(out, config, workers=workers, progress=update)
     console.print(f"wrote {out} ({config.n_classes} classes, {config.image_size}px)")
@@ -191,15 +204,16 @@ def train(
 ) -> None:
     """Train a model on held-out experiments with a YAML recipe (Lightning: checkpoints, resume, DDP)."""
     from rcic.config import load_recipe
+
+    overrides = list(set_ or [])
+    if devices is not None:
+        overrides.append(f"trainer.devices={devices}")
+    recipe_ = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is reported at once
+    _quiet_lightning()
     from rcic.store import open_source
     from rcic.training import fit
     from rcic.training.fit import is_child_rank
 
-    _quiet_lightning()
-    overrides = list(set_ or [])
-    if devices is not None:
-        overrides.append(f"trainer.devices={devices}")
-    recipe_ = load_recipe(recipe, overrides)
     source = open_source(data)
     extra = None
     if pseudo is not None:
@@ -210,10 +224,14 @@ def train(
         if not is_child_rank():
             console.print(f"pseudo-labels: {len(extra)} test wells (mean confidence {extra.confidence.mean():.3f})")
     result = fit(source, recipe_, out, resume=resume, extra_train=extra)
-    if not is_child_rank():
-        acc = "n/a" if result.best_val_acc is None else f"{result.best_val_acc:.4f}"
-        console.print(f"run {out}: best validation accuracy {acc} ({result.best_checkpoint}); "
-                      f"curves in {out / 'curves.png'}")
+    if is_child_rank():
+        return
+    if result.already_complete:
+        console.print(f"run {out} is complete already ({recipe_.trainer.epochs} epochs): nothing to resume")
+        return
+    score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
+    chosen = f"best {result.monitor} {score}" if result.monitor else "no validation (data.fold: all): last epoch"
+    console.print(f"run {out}: {chosen} ({result.best_checkpoint}); curves in {out / 'curves.png'}")
 
 
 @app.command()
@@ -221,27 +239,90 @@ def predict(
     runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
     data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
     out: Annotated[Path, typer.Option(help="Output logits file (.npz)")],
-    split: Annotated[str, typer.Option(help="test, or val (the run's held-out experiments)")] = "test",
+    split: Annotated[str, typer.Option(help="test, val (the runs' held-out experiments), train or all")] = "test",
     tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
     checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
-    batch_size: Annotated[int, typer.Option(help="Images per batch")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader workers")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
     embeddings: Annotated[bool, typer.Option(help="Also store the pooled features")] = False,
+    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
+    precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
+                                                "precision")] = "auto",
 ) -> None:
-    """Well logits averaged over both sites, D4 TTA and all given runs."""
+    """Well logits averaged over both sites, D4 TTA and all given runs (Lightning Trainer.predict)."""
     from rcic.predict import predict as run_predict
     from rcic.predict import save_logits
     from rcic.store import open_source
+    from rcic.training.fit import is_child_rank
 
     _quiet_lightning()
     if out.suffix != ".npz":
         raise RcicError("logits files end in .npz", out)
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
-        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update)
+        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update,
+                             devices=_devices(devices), precision=precision)
+    if logits is None or is_child_rank():
+        return
     save_logits(out, logits)
     console.print(f"wrote {out}: {len(logits.id_code)} wells x {len(logits.classes)} classes "
                   f"({len(runs)} run(s), TTA x{tta})")
+
+
+def _devices(text: str) -> int | str:
+    return int(text) if str(text).isdigit() else text
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@app.command()
+def evaluate(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
+    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    split: Annotated[str, typer.Option(help="val (the runs' held-out experiments) or test (labelled test "
+                                            "wells: the WILDS release)")] = "val",
+    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
+    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
+    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
+    precision: Annotated[str, typer.Option(help="auto or a Lightning precision")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Well-level accuracy (arg-max and plate leak), overall, per cell type and per experiment."""
+    import pandas as pd
+
+    from rcic.predict import predict as run_predict
+    from rcic.store import open_source
+    from rcic.submit import evaluate_logits
+    from rcic.training.fit import is_child_rank
+
+    _quiet_lightning()
+    source = open_source(data)
+    wilds = source.dataset.layout == "wilds"
+    with progress_bar(f"evaluate {split}") as update:
+        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, False, update,
+                             devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds)
+    if logits is None or is_child_rank():
+        return
+    result = evaluate_logits(source.dataset, logits)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"{split}: [bold]acc {_pct(result['acc'])}[/], acc with the plate leak "
+                  f"[bold]{_pct(result['acc_leak'])}[/] over {result['wells']} treatment wells")
+    _table("By cell type", pd.DataFrame([{"cell_type": c, "acc": _pct(v["acc"]), "acc_leak": _pct(v["acc_leak"])}
+                                         for c, v in result["per_cell_type"].items()]))
+    _table("By experiment", pd.DataFrame([{"experiment": e, "wells": v["wells"], "acc": _pct(v["acc"]),
+                                           "acc_leak": _pct(v["acc_leak"])}
+                                          for e, v in result["experiments"].items()]))
+    if "wilds" in result:
+        w = result["wilds"]
+        console.print(f"WILDS (per image, all {len(logits.classes)} classes, {w['images']} images): "
+                      f"acc_avg {w['acc_avg']:.4f}, worst cell type {w['acc_wg']:.4f}; "
+                      + ", ".join(f"{c} {v:.4f}" for c, v in w["per_cell_type"].items()))
 
 
 @app.command()

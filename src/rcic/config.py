@@ -1,7 +1,10 @@
-"""Training recipes: a typed schema, validated once when a YAML file is loaded.
+"""Training recipes: a typed, frozen schema, validated in one place.
 
-Unknown keys and bad values are refused with one line that names the key. ``--set a.b=value``
-overrides any key (the value is parsed as YAML, so ``--set optim.lr=3e-4`` is a float).
+YAML files, ``--set a.b=value`` overrides and the recipe stored in a checkpoint all pass through
+``Recipe.model_validate`` (field checks, then the cross-field checks of ``Recipe._cross_checks``).
+Unknown keys and bad values are refused with one line that names the key, and ``--set`` where
+the bad value came from there. This module imports neither torch nor timm, so a bad recipe is
+reported at once.
 """
 
 from __future__ import annotations
@@ -12,26 +15,46 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from rcic.errors import RecipeError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+MONITORS = ("val/acc", "val/acc_leak", "val/loss")
+# keys that do not change what a run computes: a resumed run may change them
+RESUMABLE_CHANGES = ("trainer.devices", "trainer.num_nodes", "data.num_workers", "data.eval_batch_size")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _cross(key: str, message: str) -> PydanticCustomError:
+    """A cross-field error that remembers the key it is about (for the one-line message)."""
+    return PydanticCustomError("recipe", "{message}", {"key": key, "message": message})
 
 
 class DataConfig(_Strict):
+    split: Literal["folds", "wilds"] = Field(
+        "folds", description="folds: K folds of the labelled experiments; wilds: the WILDS release's own split")
+    split_seed: int = Field(0, description="Decides the folds (independent of seed: a seed ensemble holds out "
+                                           "the same experiments)")
+    folds: int = Field(4, ge=2, le=20)
+    fold: int | Literal["all"] = Field(0, description="Held-out fold, or all: train on every labelled experiment")
     image_size: int | None = Field(None, ge=16, le=1024, description="Model input size; None = as stored")
     classes: Literal["treatments", "treatments+controls"] = "treatments"
     normalization: Literal["none", "image", "experiment", "experiment_controls", "plate"] = "image"
-    folds: int = Field(4, ge=2, le=20)
-    fold: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 or 'all'")
+        return value
 
 
 class NeckConfig(_Strict):
@@ -66,8 +89,19 @@ class CropConfig(_Strict):
     scale: tuple[float, float] = (0.6, 1.0)
     ratio: tuple[float, float] = (0.75, 1.3333)
 
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError("scale must be 0 < min <= max <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError("ratio must be 0 < min <= max")
+        return self
+
 
 class AugmentConfig(_Strict):
+    on: Literal["auto", "workers", "device"] = Field(
+        "auto", description="Where augmentation runs: device (batched, on the GPU; auto where one is present) "
+                            "or workers (per sample, in the DataLoader workers)")
     d4: bool = True
     random_resized_crop: CropConfig | None = None
     intensity_jitter: float = Field(0.0, ge=0.0, le=1.0, description="Per-channel gain/offset jitter")
@@ -91,13 +125,18 @@ class OptimConfig(_Strict):
 class TrainerConfig(_Strict):
     epochs: int = Field(10, ge=1)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
+    monitor: Literal["val/acc", "val/acc_leak", "val/loss"] = Field(
+        "val/acc", description="The validation number that picks best.ckpt")
     val_every_n_steps: int | None = Field(None, ge=1)
+    checkpoint_every_n_steps: int | None = Field(None, ge=1, description="Refresh last.ckpt every N steps too")
     image_size_schedule: dict[int, int] | None = None
     limit_train_batches: int | float | None = None
     keep_epoch_checkpoints: int | None = Field(None, ge=1, description="Keep the N latest per-epoch files")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
     num_nodes: int = Field(1, ge=1)
+    channels_last: bool | Literal["auto"] = Field("auto", description="auto: on a GPU, off on CPU")
+    compile: bool = Field(False, description="torch.compile the network (GPU)")
 
     @field_validator("image_size_schedule")
     @classmethod
@@ -117,23 +156,41 @@ class Recipe(_Strict):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
 
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        d, loss = self.data, self.loss
+        if isinstance(d.fold, int) and d.fold >= d.folds:
+            raise _cross("data.fold", f"{d.fold} is out of range for data.folds {d.folds} (0-{d.folds - 1} or all)")
+        if d.split == "wilds" and d.fold == "all":
+            raise _cross("data.fold", "all has no meaning with data.split: wilds (the release fixes the split)")
+        if (loss.arcface or loss.cosface) and self.model.head != "cosine":
+            raise _cross("loss.arcface", "margin losses need model.head: cosine (arcface, cosface)")
+        if loss.ce + loss.arcface + loss.cosface + loss.focal <= 0:
+            raise _cross("loss", "at least one loss weight must be positive")
+        if self.optim.freeze_backbone_epochs >= self.trainer.epochs:
+            raise _cross("optim.freeze_backbone_epochs",
+                         f"{self.optim.freeze_backbone_epochs} leaves no epoch to train the backbone "
+                         f"(trainer.epochs {self.trainer.epochs})")
+        if self.augment.cutmix + self.augment.mixup > 1:
+            raise _cross("augment.cutmix", "augment.cutmix + augment.mixup must not exceed 1")
+        return self
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run holds out experiments (``data.fold: all`` trains on every one)."""
+        return self.data.fold != "all"
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
-    def digest(self, ignore: tuple[str, ...] = ("trainer.epochs", "trainer.devices", "trainer.num_nodes",
-                                                "data.num_workers")) -> str:
+    def digest(self, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> str:
         """A hash of what defines the run (resuming under another recipe is refused)."""
-        d = self.to_dict()
-        for key in ignore:
-            *parents, leaf = key.split(".")
-            node = d
-            for p in parents:
-                node = node[p]
-            node.pop(leaf, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        flat = {k: v for k, v in _flatten(self.to_dict()).items() if k not in ignore}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
-    def differences(self, other: Recipe) -> list[str]:
-        return sorted(k for k, v in _flatten(self.to_dict()).items() if _flatten(other.to_dict()).get(k) != v)
+    def differences(self, other: Recipe, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return sorted(k for k in mine.keys() | theirs.keys() if k not in ignore and mine.get(k) != theirs.get(k))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -144,7 +201,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise RecipeError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
@@ -152,7 +209,13 @@ def _apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"--set {key}: value {text!r} is not valid YAML") from err
-    *parents, leaf = key.strip().split(".")
+    if not key.strip():
+        raise RecipeError(f"--set expects key=value, got {item!r}")
+    return key.strip(), value
+
+
+def _apply_override(raw: dict, key: str, value: object) -> None:
+    *parents, leaf = key.split(".")
     node = raw
     for p in parents:
         node = node.setdefault(p, {})
@@ -161,14 +224,24 @@ def _apply_override(raw: dict, item: str) -> None:
     node[leaf] = value
 
 
-def _validate(raw: dict, source: str) -> Recipe:
+def _validate(raw: dict, source: str, overrides: dict[str, str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        value = "" if first["type"] == "extra_forbidden" else f" (got {first.get('input')!r})"
+        ctx = first.get("ctx") or {}
+        if first["type"] == "recipe":
+            key, what, value = ctx["key"], ctx["message"], ""
+        else:
+            loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal["))]
+            # pydantic names the union member that failed (int / literal); the key is what matters
+            loc = [p for p in loc if p not in ("int", "str", "float", "bool", "CropConfig", "dict[int,int]")]
+            key = ".".join(loc) or "(top level)"
+            what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            value = "" if first["type"] == "extra_forbidden" else f" (got {first.get('input')!r})"
+        for set_key, item in (overrides or {}).items():
+            if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+                raise RecipeError(f"--set {item}: recipe key {key}: {what}{value}") from None
         raise RecipeError(f"recipe key {key}: {what}{value}", source) from None
 
 
@@ -177,6 +250,8 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     path = Path(recipe)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise RecipeError("is a folder, not a recipe file", path)
     shipped = RECIPE_DIR / f"{Path(str(recipe)).stem}.yaml"
     if shipped.is_file() and not path.parent.name:
         return shipped
@@ -184,25 +259,37 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     raise RecipeError(f"recipe not found (shipped recipes: {names})", path)
 
 
+def read_recipe_file(path: Path) -> dict:
+    """The YAML mapping of a recipe file; unreadable, non-UTF-8 or non-mapping content is a one-line error."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except PermissionError:
+        raise RecipeError("cannot read the file (permission denied)", path) from None
+    except OSError as err:
+        raise RecipeError(f"cannot read the file ({err.strerror or err})", path) from None
+    except UnicodeDecodeError:
+        raise RecipeError("not a text file (not UTF-8): a recipe is a YAML file", path) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})", path) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping of sections (data, model, loss, ...)", path)
+    return raw
+
+
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a YAML recipe (file or shipped name), applying ``key=value`` overrides."""
     path = resolve_recipe_path(recipe)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})", path) from err
-    if not isinstance(raw, dict):
-        raise RecipeError("a recipe is a mapping of sections (data, model, loss, ...)", path)
+    raw = read_recipe_file(path)
+    set_keys: dict[str, str] = {}
     for item in overrides or []:
-        _apply_override(raw, item)
-    recipe_ = _validate(raw, str(path))
-    if recipe_.data.fold >= recipe_.data.folds:
-        raise RecipeError(f"recipe key data.fold: {recipe_.data.fold} >= data.folds {recipe_.data.folds}", path)
-    if (recipe_.loss.arcface or recipe_.loss.cosface) and recipe_.model.head != "cosine":
-        raise RecipeError("recipe key loss.arcface/cosface: margin losses need model.head: cosine", path)
-    if recipe_.loss.ce + recipe_.loss.arcface + recipe_.loss.cosface + recipe_.loss.focal <= 0:
-        raise RecipeError("recipe key loss: at least one loss weight must be positive", path)
-    return recipe_
+        key, value = _parse_override(item)
+        _apply_override(raw, key, value)
+        set_keys[key] = item
+    return _validate(raw, str(path), set_keys)
 
 
 def recipe_from_dict(raw: dict, source: str = "checkpoint") -> Recipe:

@@ -1,4 +1,4 @@
-"""The plate leak: rotation choice per experiment and linear assignment per plate; pseudo-labels."""
+"""The plate leak: rotation choice per experiment and linear assignment per plate; scoring; pseudo-labels."""
 
 from rcic.assign.plates import (
     RotationChoice,
@@ -8,6 +8,7 @@ from rcic.assign.plates import (
     pseudo_labels,
     treatment_log_probs,
 )
+from rcic.assign.scoring import mean_by_well, score_wells
 
-__all__ = ["RotationChoice", "assign_plates", "choose_rotations", "group_masks", "pseudo_labels",
-           "treatment_log_probs"]
+__all__ = ["RotationChoice", "assign_plates", "choose_rotations", "group_masks", "mean_by_well", "pseudo_labels",
+           "score_wells", "treatment_log_probs"]

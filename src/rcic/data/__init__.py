@@ -1,7 +1,16 @@
-"""Datasets (dict samples), transforms (normalisation, augmentation, D4 kernels), the DataModule."""
+"""Datasets (dict samples), normalisation and augmentation kernels, the DataModule."""
 
-from rcic.data.dataset import EpochSampler, RxRxDataModule, SiteDataset, class_columns, experiment_folds
-from rcic.data.transforms import TTA_SETS, build_augment, d4_transform, group_channel_stats, mix_batch, normalize
+from rcic.data.augment import TTA_SETS, AugmentParams, apply_params, d4_transform, draw_params, mix_batch, normalize
+from rcic.data.dataset import (
+    EpochSampler,
+    RxRxDataModule,
+    SiteDataset,
+    WellDataset,
+    class_columns,
+    experiment_folds,
+    group_channel_stats,
+)
 
-__all__ = ["TTA_SETS", "EpochSampler", "RxRxDataModule", "SiteDataset", "build_augment", "class_columns",
-           "d4_transform", "experiment_folds", "group_channel_stats", "mix_batch", "normalize"]
+__all__ = ["TTA_SETS", "AugmentParams", "EpochSampler", "RxRxDataModule", "SiteDataset", "WellDataset",
+           "apply_params", "class_columns", "d4_transform", "draw_params", "experiment_folds",
+           "group_channel_stats", "mix_batch", "normalize"]

@@ -1,8 +1,11 @@
-"""Site datasets (dict samples), experiment folds, and the Lightning DataModule."""
+"""Site and well datasets (dict samples), experiment folds, and the Lightning DataModule.
+
+Samples carry uint8 sites plus their normalisation statistics; normalisation and augmentation run
+either in the DataLoader workers (``augment.on: workers``) or batched on the accelerator
+(``device``), through the same kernels (``rcic.data.augment``).
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import lightning as L
 import numpy as np
@@ -10,21 +13,23 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from rcic.config import Recipe
-from rcic.data.transforms import build_augment, group_channel_stats, normalize
+from rcic.config import AugmentConfig, DataConfig
+from rcic.data.augment import generator, prepare
 from rcic.errors import DataError, RecipeError
 from rcic.io.metadata import ClassVocab
 from rcic.store.source import ImageSource
 
+PREDICT_SPLITS = ("val", "test", "train", "all")
 
-def experiment_folds(wells: pd.DataFrame, folds: int, seed: int = 0) -> dict[str, int]:
+
+def experiment_folds(wells: pd.DataFrame, folds: int, split_seed: int = 0) -> dict[str, int]:
     """Assign each labelled training experiment to one of ``folds`` folds, stratified by cell type.
 
-    Within each cell type the experiments are shuffled (seeded) and dealt round-robin, so every
-    fold holds out whole experiments (both sites of every well together) of each cell type.
+    Within each cell type the experiments are shuffled (by ``split_seed``, never the training
+    seed) and dealt round-robin, so every fold holds out whole experiments of each cell type.
     """
     experiments = wells.loc[wells["split"] == "train", ["experiment", "cell_type"]].drop_duplicates()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(split_seed)
     fold_of: dict[str, int] = {}
     start = 0
     for _, group in experiments.sort_values("experiment").groupby("cell_type", sort=True):
@@ -40,24 +45,63 @@ def class_columns(vocab: ClassVocab, classes: str) -> tuple[str, ...]:
     return vocab.treatment_labels if classes == "treatments" else vocab.labels
 
 
-class SiteDataset(Dataset):
-    """One sample per site: ``{"image", "label", "cell_type", "experiment", "index"}``.
+def group_channel_stats(sites: pd.DataFrame, stats: np.ndarray, by: list[str], mask: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """Per-site (mean, std) of its group (experiment or plate), pooled from per-site statistics.
 
-    ``rows`` is a slice of the site table with ``target`` (class column, -1 if unlabelled),
-    ``cell_type_index`` and ``experiment_index``; ``norm_stats`` holds the (6, 2) mean/std of
-    each row's normalisation group where normalisation is per experiment or plate.
+    ``stats`` is (n_sites, C, 2) per-site channel mean/std; ``mask`` picks the sites that define
+    a group's statistics (e.g. control wells only); groups with none fall back to all their sites.
+    Returns (n_sites, C, 2).
+    """
+    mean, var = stats[..., 0].astype(np.float64), stats[..., 1].astype(np.float64) ** 2
+    codes, _ = pd.factorize(sites[by].astype(str).agg("|".join, axis=1))
+    use = np.ones(len(sites), bool) if mask is None else np.asarray(mask, bool)
+    out = np.zeros_like(stats, dtype=np.float32)
+    for code in range(codes.max() + 1 if len(codes) else 0):
+        members = codes == code
+        pick = members & use
+        if not pick.any():
+            pick = members
+        m = mean[pick].mean(0)
+        second = (var[pick] + mean[pick] ** 2).mean(0)
+        out[members, :, 0] = m
+        out[members, :, 1] = np.sqrt(np.maximum(second - m**2, 1e-6))
+    return out
+
+
+def norm_stats(source: ImageSource, sites: pd.DataFrame, mode: str) -> np.ndarray | None:
+    """Each site's normalisation statistics (n_sites, C, 2) for the group modes; None for none/image."""
+    if mode in ("none", "image"):
+        return None
+    by = ["plate", "experiment"] if mode == "plate" else ["experiment"]
+    mask = sites["well_type"].ne("treatment").to_numpy() if mode == "experiment_controls" else None
+    per_site = source.channel_stats()[sites["site_index"].to_numpy()]
+    return group_channel_stats(sites, per_site, by, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+class SiteDataset(Dataset):
+    """One sample per site: ``{"image", "stats", "label", "cell_type", "experiment", "index"}``.
+
+    ``rows`` is a slice of the annotated site table (``target``, ``cell_type_index``,
+    ``experiment_index``). ``image`` is the uint8 site, or, when ``augment`` is given (augmentation
+    in the workers), the normalised and augmented float32 site, its randomness drawn from a
+    generator seeded by (seed, epoch, index): the same with any number of workers, on any rank,
+    and after a resume.
     """
 
-    def __init__(self, source: ImageSource, rows: pd.DataFrame, normalization: str,
-                 augment: Callable[[np.ndarray, np.random.Generator | None], np.ndarray],
-                 norm_stats: np.ndarray | None = None, seed: int = 0):
+    def __init__(self, source: ImageSource, rows: pd.DataFrame, normalization: str, stats: np.ndarray | None,
+                 size: int, augment: AugmentConfig | None = None, seed: int = 0):
         self.source = source
         self.rows = rows.reset_index(drop=True)
         self.records = self.rows.to_dict("records")
-        self.normalization = normalization
-        self.augment = augment
-        self.norm_stats = norm_stats
-        self.seed = seed
+        self.normalization, self.size, self.augment, self.seed = normalization, size, augment, seed
+        channels = source.dataset.channels
+        self.stats = torch.zeros((len(self.rows), channels, 2)) if stats is None else torch.from_numpy(stats)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,12 +110,14 @@ class SiteDataset(Dataset):
         # EpochSampler hands out epoch * len + index, so augmentation can be seeded per (epoch, sample)
         epoch, i = divmod(int(key), len(self.records))
         row = self.records[i]
-        image = self.source.read_site(row).transpose(1, 2, 0)  # (H, W, 6)
-        stats = None if self.norm_stats is None else self.norm_stats[i]
-        rng = np.random.default_rng([self.seed, epoch, i])
-        image = self.augment(normalize(image, self.normalization, stats), rng)
+        image = torch.from_numpy(np.ascontiguousarray(self.source.read_site(row)))
+        stats = self.stats[i]
+        if self.augment is not None:
+            gen = generator(self.seed, epoch, i)
+            image = prepare(image[None], self.normalization, stats[None], self.size, self.augment, gen)[0]
         return {
-            "image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
+            "image": image,
+            "stats": stats,
             "label": torch.tensor(row["target"], dtype=torch.long),
             "cell_type": torch.tensor(row["cell_type_index"], dtype=torch.long),
             "experiment": torch.tensor(row["experiment_index"], dtype=torch.long),
@@ -79,67 +125,125 @@ class SiteDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), split across DDP ranks.
+class WellDataset(Dataset):
+    """One sample per well for prediction: ``{"image": (2, C, H, W) uint8, "stats", "cell_type", "index"}``.
 
-    A resumed run sees the same order. Keys are ``epoch * n + index`` so that the dataset can
-    seed each sample's augmentation by epoch (see ``SiteDataset.__getitem__``).
+    A well with one readable site (the other left out by ``pack --skip-missing``) repeats it, so
+    the mean over the two equals that site.
+    """
+
+    def __init__(self, source: ImageSource, rows: pd.DataFrame, stats: np.ndarray | None,
+                 cell_type_index: dict[str, int]):
+        self.source = source
+        rows = rows.reset_index(drop=True)
+        self.records = rows.to_dict("records")
+        codes, first = np.unique(rows["id_code"].to_numpy(), return_index=True)
+        order = np.argsort(first)  # wells in the order they appear
+        self.wells = rows.iloc[first[order]][["id_code", "experiment", "plate", "well", "cell_type", "split",
+                                              "well_type", "label"]].reset_index(drop=True)
+        by_well = rows.groupby("id_code", sort=False).indices
+        self.sites = [np.resize(by_well[c], 2) for c in self.wells["id_code"]]
+        self.real_sites = np.array([min(len(by_well[c]), 2) for c in self.wells["id_code"]])
+        channels = source.dataset.channels
+        self.stats = torch.zeros((len(rows), channels, 2)) if stats is None else torch.from_numpy(stats)
+        self.cell_type = torch.tensor([cell_type_index[c] for c in self.wells["cell_type"]], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.wells)
+
+    def __getitem__(self, i: int) -> dict:
+        picks = self.sites[i]
+        images = [torch.from_numpy(np.ascontiguousarray(self.source.read_site(self.records[j]))) for j in picks]
+        return {"image": torch.stack(images), "stats": self.stats[picks], "cell_type": self.cell_type[i],
+                "index": torch.tensor(i, dtype=torch.long)}
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), split across DDP ranks; resumable mid-epoch.
+
+    Keys are ``epoch * n + index`` so that the dataset can seed each sample's augmentation by
+    epoch. ``skip_batches`` drops the batches a mid-epoch checkpoint already trained on, once
+    (the length stays the full epoch's, as Lightning's loop counts it).
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
         self.rank, self.world_size = rank, world_size
         self.per_rank = -(-n // world_size)
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip(self, samples: int) -> None:
+        self._skip = samples
+
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         order = np.resize(order, self.per_rank * self.world_size)  # pad by wrapping: equal work per rank
-        return iter((self.epoch * self.n + order[self.rank::self.world_size]).tolist())
+        mine = self.epoch * self.n + order[self.rank::self.world_size]
+        skip, self._skip = self._skip, 0
+        return iter(mine[skip:].tolist())
 
     def __len__(self) -> int:
         return self.per_rank
 
 
-def _worker_seed(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+# ----------------------------------------------------------------------------------------------
+# The DataModule
+# ----------------------------------------------------------------------------------------------
 
 
 class RxRxDataModule(L.LightningDataModule):
-    """Train/val datasets of one fold (held-out experiments), from a PNG folder or a packed store."""
+    """Train/val datasets of one fold (held-out experiments) or of the WILDS split.
 
-    def __init__(self, source: ImageSource, recipe: Recipe, extra_train: pd.DataFrame | None = None):
+    ``augment_on`` is ``workers`` or ``device`` (resolved by the caller); with ``device`` the
+    training samples stay uint8 and ``RcicTask`` normalises and augments them on the accelerator.
+    """
+
+    def __init__(self, source: ImageSource, data: DataConfig, augment: AugmentConfig, seed: int = 0,
+                 augment_on: str = "workers", max_size: int | None = None, extra_train: pd.DataFrame | None = None):
         super().__init__()
-        self.source, self.recipe = source, recipe
+        self.source, self.config, self.augment_config, self.seed = source, data, augment, seed
+        self.augment_on = augment_on
         dataset = source.dataset
+        if data.split == "wilds" and dataset.layout != "wilds":
+            raise RecipeError(f"recipe key data.split: wilds needs the WILDS release (metadata.csv with a val "
+                              f"split); {dataset.root} is {dataset.layout}")
         self.vocab = dataset.vocab
-        self.classes = class_columns(self.vocab, recipe.data.classes)
+        self.plate_groups = dataset.plate_groups
+        self.classes = class_columns(self.vocab, data.classes)
         self.cell_types = sorted(dataset.sites["cell_type"].unique())
         self.experiments = sorted(dataset.sites["experiment"].unique())
-        self.folds = experiment_folds(dataset.wells, recipe.data.folds, recipe.seed)
-        self.input_size = self._input_size()
-        self.sites = self._annotate(dataset.sites, extra_train)
-        self._norm = self._norm_stats() if recipe.data.normalization not in ("none", "image") else None
+        self.folds = experiment_folds(dataset.wells, data.folds, data.split_seed)
+        self.input_size = self._input_size(max_size)
+        self.extra_train = extra_train
 
-    def _input_size(self) -> int:
+    def _input_size(self, max_size: int | None) -> int:
         stored = getattr(self.source, "image_size", None)
         if stored is None:
             first = self.source.dataset.sites.iloc[0]
             stored = self.source.read_site(first).shape[-1]
-        size = self.recipe.data.image_size or stored
-        schedule = self.recipe.trainer.image_size_schedule or {}
-        biggest = max([size, *schedule.values()])
-        if biggest > stored:
-            raise RecipeError(f"recipe key data.image_size: {biggest} px asked, but the data's sites are {stored} px")
+        size = self.config.image_size or stored
+        if max(size, max_size or 0) > stored:
+            raise RecipeError(f"recipe key data.image_size: {max(size, max_size or 0)} px asked, but the data's "
+                              f"sites are {stored} px")
         return size
+
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "sites", None) is None:
+            self.sites = self._annotate(self.source.dataset.sites, self.extra_train)
+            self._stats = norm_stats(self.source, self.sites, self.config.normalization)
+        if stage in (None, "fit") and getattr(self, "train_set", None) is None:
+            self.train_set = self.make_dataset(self.train_rows(), train=True)
+            val = self.val_rows()
+            self.val_set = self.make_dataset(val, train=False) if len(val) else None
 
     def _annotate(self, sites: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
         column = {label: i for i, label in enumerate(self.classes)}
         sites = sites.copy()
-        sites["target"] = [column.get(label, -1) for label in sites["label"]]
+        sites["site_index"] = np.arange(len(sites))
+        sites["target"] = sites["label"].map(column).fillna(-1).astype(np.int64)
         sites["cell_type_index"] = sites["cell_type"].map({c: i for i, c in enumerate(self.cell_types)})
         sites["experiment_index"] = sites["experiment"].map({e: i for i, e in enumerate(self.experiments)})
         sites["fold"] = sites["experiment"].map(self.folds).fillna(-1).astype(int)
@@ -152,64 +256,101 @@ class RxRxDataModule(L.LightningDataModule):
             sites.loc[chosen, "pseudo"] = True
         return sites
 
-    def _norm_stats(self) -> np.ndarray:
-        mode = self.recipe.data.normalization
-        stats = self.source.channel_stats()
-        by = ["plate", "experiment"] if mode == "plate" else ["experiment"]
-        mask = self.sites["well_type"].ne("treatment").to_numpy() if mode == "experiment_controls" else None
-        return group_channel_stats(self.sites, stats, by, mask)
-
     # -- splits ------------------------------------------------------------------------------
 
     def train_rows(self) -> pd.DataFrame:
-        s = self.sites
-        labelled = (s["split"] == "train") & (s["target"] >= 0) & (s["fold"] != self.recipe.data.fold)
+        s, fold = self.sites, self.config.fold
+        labelled = (s["split"] == "train") & (s["target"] >= 0)
+        if self.config.split == "wilds":
+            labelled &= s["site"] == 1  # the WILDS training set: site 1 of the train experiments
+        elif fold != "all":
+            labelled &= s["fold"] != fold
         return s[labelled | s["pseudo"]]
 
     def val_rows(self) -> pd.DataFrame:
-        s = self.sites
-        return s[(s["split"] == "train") & (s["fold"] == self.recipe.data.fold) & (s["well_type"] == "treatment")]
+        """Treatment sites of the held-out experiments (none for ``data.fold: all``)."""
+        s, fold = self.sites, self.config.fold
+        treat = s["well_type"] == "treatment"
+        if self.config.split == "wilds":
+            return s[(s["split"] == "val") & treat]
+        if fold == "all":
+            return s.iloc[:0]
+        return s[(s["split"] == "train") & (s["fold"] == fold) & treat]
 
-    def rows_for(self, split: str) -> pd.DataFrame:
-        """Rows to predict: ``val`` (held-out experiments of the fold) or ``test`` (test treatment wells)."""
-        if split == "val":
-            return self.val_rows()
-        s = self.sites
-        return s[(s["split"] == "test") & (s["well_type"] == "treatment")]
+    @property
+    def val_experiments(self) -> list[str]:
+        return sorted(self.val_rows()["experiment"].unique())
 
     def make_dataset(self, rows: pd.DataFrame, train: bool) -> SiteDataset:
         if rows.empty:
             raise DataError("no sites for this split (check data.folds / data.fold and the data)",
                             self.source.dataset.root)
-        augment = build_augment(self.recipe.augment, self.input_size, train)
-        norm = None if self._norm is None else self._norm[rows.index.to_numpy()]
-        return SiteDataset(self.source, rows, self.recipe.data.normalization, augment, norm, self.recipe.seed)
+        stats = None if self._stats is None else self._stats[rows.index.to_numpy()]
+        augment = self.augment_config if (train and self.augment_on == "workers") else None
+        return SiteDataset(self.source, rows, self.config.normalization, stats, self.input_size, augment, self.seed)
+
+    def well_dataset(self, rows: pd.DataFrame, cell_type_index: dict[str, int]) -> WellDataset:
+        stats = None if self._stats is None else self._stats[rows.index.to_numpy()]
+        return WellDataset(self.source, rows, stats, cell_type_index)
+
+    def predict_dataloader_for(self, dataset: WellDataset, batch_size: int, workers: int) -> DataLoader:
+        return self._loader(dataset, batch_size, workers=workers)
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = self.make_dataset(self.train_rows(), train=True)
-        self.val_set = self.make_dataset(self.val_rows(), train=False)
-
-    def _loader(self, dataset, batch_size, sampler=None, drop_last=False) -> DataLoader:
-        workers = self.recipe.data.num_workers
-        # a private generator: creating a loader's iterator never moves the global RNG (dropout, mixing)
-        generator = torch.Generator().manual_seed(self.recipe.seed)
+    def _loader(self, dataset, batch_size, sampler=None, drop_last=False, workers: int | None = None) -> DataLoader:
+        workers = self.config.num_workers if workers is None else workers
+        # a private generator: creating a loader's iterator never moves the global RNG
+        gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=drop_last, worker_init_fn=_worker_seed, generator=generator)
+                          drop_last=drop_last, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
-        bs = self.recipe.data.batch_size
+        bs = self.config.batch_size
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = EpochSampler(len(self.train_set), self.recipe.seed, rank, world)
+        sampler = EpochSampler(len(self.train_set), self.seed, rank, world)
         drop = len(sampler) > bs  # BatchNorm needs more than one sample
+        batches = len(sampler) // bs if drop else -(-len(sampler) // bs)
+        done = self._batches_done()
+        if 0 < done < batches:  # resuming a mid-epoch checkpoint: skip what it trained on already
+            sampler.skip(done * bs)
         return self._loader(self.train_set, bs, sampler, drop)
 
-    def val_dataloader(self) -> DataLoader:
+    def _batches_done(self) -> int:
+        loop = getattr(self.trainer, "fit_loop", None) if self.trainer else None
+        if loop is None or not loop.restarting:
+            return 0
+        return int(loop.epoch_loop.batch_progress.current.processed)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:  # each rank validates its shard
             sampler = DistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
                                          rank=self.trainer.global_rank, shuffle=False)
-        return self._loader(self.val_set, self.recipe.data.eval_batch_size or self.recipe.data.batch_size * 2,
-                            sampler)
+        return self._loader(self.val_set, self.config.eval_batch_size or self.config.batch_size * 2, sampler)
+
+    # -- prediction rows -----------------------------------------------------------------------
+
+    def rows_for(self, split: str, val_experiments: list[str] | None = None, controls: bool = False
+                 ) -> pd.DataFrame:
+        """Sites to predict: ``val`` (the given held-out experiments), ``test``, ``train`` or ``all``.
+
+        Treatment wells only unless ``controls`` (embeddings use every well).
+        """
+        s = self.sites if getattr(self, "sites", None) is not None else self.source.dataset.sites
+        keep = pd.Series(True, index=s.index) if controls else s["well_type"] == "treatment"
+        match split:
+            case "val":
+                keep &= s["experiment"].isin(val_experiments or [])
+            case "test":
+                keep &= s["split"] == "test"
+            case "train":
+                keep &= s["split"] == "train"
+            case "all":
+                pass
+            case _:
+                raise DataError(f"--split must be one of {', '.join(PREDICT_SPLITS)}, got {split!r}")
+        return s[keep]

@@ -1,8 +1,9 @@
-"""Site images: read the 6 channel PNGs of a site, and map a site to an RGB composite.
+"""Site images: read a site's channel PNGs, and map a site to an RGB composite.
 
 PNG layouts:
 - Kaggle: ``{root}/{train|test}/{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png``
 - RxRx1 release: ``{root}/images/{experiment}/Plate{plate}/{well}_s{site}_w{channel}.png``
+- WILDS release: ``{root}/images/{experiment}/Plate{plate}/{well}_s{site}.png`` (one RGB composite)
 """
 
 from __future__ import annotations
@@ -31,51 +32,91 @@ cv2.setNumThreads(1)  # decoding runs in DataLoader / pack workers: one thread e
 
 
 def parse_id_code(id_code: str) -> tuple[str, int, str]:
-    """``HEPG2-01_1_B03`` -> (``HEPG2-01``, 1, ``B03``)."""
+    """``HEPG2-01_1_B03`` -> (``HEPG2-01``, 1, ``B03``); anything that could leave the data folder is refused."""
+    from rcic.io.metadata import _WELL_RE, NAME_RE
+
     parts = str(id_code).rsplit("_", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise DataError(f"id_code {id_code!r} is not of the form EXPERIMENT_PLATE_WELL")
+    if (len(parts) != 3 or not parts[1].isdigit() or not NAME_RE.fullmatch(parts[0])
+            or not _WELL_RE.fullmatch(parts[2])):
+        raise DataError(f"id_code {id_code!r} is not of the form EXPERIMENT_PLATE_WELL (e.g. HEPG2-01_1_B03)")
     return parts[0], int(parts[1]), parts[2]
 
 
-def site_png_path(root: str | Path, id_code: str, site: int, channel: int, split: str = "train") -> Path:
-    """Path of one channel PNG, in the Kaggle layout or the RxRx1 release layout."""
+def image_folder(root: str | Path, experiment: str, split: str | None = None) -> Path:
+    """The folder holding an experiment's plates: ``train/``, ``test/`` (Kaggle) or ``images/`` (releases).
+
+    ``split=None`` finds the experiment wherever it is on disk (train/, test/, then images/).
+    """
     root = Path(root)
+    if split in ("train", "test") and (root / split).is_dir():
+        return root / split
+    candidates = ["train", "test", "images"] if split is None else ["images", "train", "test"]
+    for name in candidates:
+        if (root / name / experiment).is_dir():
+            return root / name
+    return root / (split if split in ("train", "test") else "images")
+
+
+def site_png_path(root: str | Path, id_code: str, site: int, channel: int | None, split: str | None = None) -> Path:
+    """Path of one channel PNG (``channel=None``: the WILDS release's RGB composite of the site)."""
     experiment, plate, well = parse_id_code(id_code)
-    base = root / split
-    if not base.is_dir() and (root / "images").is_dir():
-        base = root / "images"
-    return base / experiment / f"Plate{plate}" / f"{well}_s{site}_w{channel}.png"
+    name = f"{well}_s{site}.png" if channel is None else f"{well}_s{site}_w{channel}.png"
+    return image_folder(root, experiment, split) / experiment / f"Plate{plate}" / name
 
 
-def read_png(path: Path) -> np.ndarray:
-    """One channel as a (H, W) uint8 array; a clear error names a missing or corrupt file."""
-    if not path.is_file():
-        raise DataError("channel image not found", path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def read_png(path: Path, colour: bool = False) -> np.ndarray:
+    """One channel as (H, W) uint8 (``colour``: an RGB image as (H, W, 3)); a clear error names a bad file."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError("channel image not found", path) from None
+    except PermissionError:
+        raise DataError("cannot read the image (permission denied)", path) from None
+    except IsADirectoryError:
+        raise DataError("is a folder, not an image", path) from None
+    except OSError as err:
+        raise DataError(f"cannot read the image ({err.strerror or err})", path) from None
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if image is None:
         raise DataError("not a readable PNG image (corrupt or truncated)", path)
-    if image.ndim != 2:
-        raise DataError(f"expected a single-channel image, found shape {image.shape}", path)
     if image.dtype == np.uint16:  # some re-exports are 16-bit; keep rcic's uint8 contract
         image = (image >> 8).astype(np.uint8)
+    if colour:
+        if image.ndim == 2:
+            raise DataError("expected a colour (RGB) image, found a single channel", path)
+        return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+    if image.ndim != 2:
+        raise DataError(f"expected a single-channel image, found shape {image.shape}", path)
     return image
 
 
 def load_site(
     root: str | Path,
     id_code: str,
-    site: int,
-    split: str = "train",
+    site: int = 1,
+    split: str | None = None,
     channels: Sequence[int] = CHANNELS,
+    layout: str | None = None,
 ) -> np.ndarray:
-    """Load one site from the PNG layout as a (C, H, W) uint8 array (C = 6 by default)."""
+    """Load one site from the PNG layout as a (C, H, W) uint8 array.
+
+    C = 6 channel PNGs (Kaggle and RxRx1 layouts), or 3 for the WILDS release's RGB composite
+    (``layout="wilds"``, or found on disk when ``layout`` is None). ``split`` (train/test) picks
+    the Kaggle folder; None finds the experiment on disk.
+    """
+    if layout == "wilds" or (layout is None and _is_composite(root, id_code, site, split)):
+        return read_png(site_png_path(root, id_code, site, None, split), colour=True).transpose(2, 0, 1).copy()
     planes = [read_png(site_png_path(root, id_code, site, c, split)) for c in channels]
     shapes = {p.shape for p in planes}
     if len(shapes) != 1:
         path = site_png_path(root, id_code, site, channels[0], split)
         raise DataError(f"channels of site {id_code}_s{site} differ in size: {sorted(shapes)}", path.parent)
     return np.stack(planes)
+
+
+def _is_composite(root, id_code: str, site: int, split: str | None) -> bool:
+    return (not site_png_path(root, id_code, site, 1, split).exists()
+            and site_png_path(root, id_code, site, None, split).exists())
 
 
 def to_rgb(image: np.ndarray, channels: Sequence[int] = CHANNELS, vmax: float = 255) -> np.ndarray:

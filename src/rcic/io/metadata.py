@@ -1,18 +1,24 @@
-"""Read an RxRx1 download in any of its three layouts into one site table.
+"""Read an RxRx1 download in any of its four layouts into one site table.
 
 Layouts (see FACTS.md):
 - ``kaggle-2019``: train/test CSVs with integer ``sirna`` labels (0..1138).
 - ``kaggle-2023``: the current Kaggle download, ``sirna_<k>`` strings and ``UNTREATED``.
-- ``rxrx1``: the full release, one ``metadata.csv`` with one row per site.
+- ``rxrx1``: the full release, one ``metadata.csv`` with one row per site (``dataset`` train/test).
+- ``wilds``: the WILDS release, a ``metadata.csv`` whose ``dataset`` column names the WILDS split
+  (train / val / test), labels in ``sirna_id`` (0..1138), 3-channel composite PNGs.
 
 Everything downstream works on the *site table*: one row per site with the columns in
-``SITE_COLUMNS``. Labels keep the data's own spelling (always held as strings); the class
-vocabulary maps them to column indices (treatments, then positive controls, then negative).
+``SITE_COLUMNS``. ``split`` is ``train`` or ``test`` (the WILDS release also has ``val``).
+Labels keep the data's own spelling (always held as strings); the class vocabulary maps them to
+column indices (treatments, then positive controls, then negative). Labels are checked against
+the layout's spelling, so a stray ``99999`` or ``sirna_5`` in a 2019 file is refused with its row
+instead of becoming a new class; whitespace around any value is stripped everywhere.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +28,7 @@ import pandas as pd
 
 from rcic.errors import DataError
 
-LAYOUTS = ("kaggle-2019", "kaggle-2023", "rxrx1")
+LAYOUTS = ("kaggle-2019", "kaggle-2023", "rxrx1", "wilds")
 SITE_COLUMNS = ["id_code", "experiment", "plate", "well", "site", "cell_type", "split", "well_type", "label"]
 WELL_TYPES = ("treatment", "positive_control", "negative_control")
 N_SITES = 2
@@ -35,71 +41,82 @@ KAGGLE_FILES = {
     "train_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
     "test_controls.csv": ["id_code", "experiment", "plate", "well", "sirna", "well_type"],
 }
-RXRX1_COLUMNS = ["experiment", "plate", "well", "site", "well_type", "dataset"]
+RELEASE_COLUMNS = ["experiment", "plate", "well", "site", "well_type", "dataset"]
+WILDS_SPLITS = ("train", "val", "test")
 _WELL_RE = re.compile(r"^[A-P](0[1-9]|1[0-9]|2[0-4])$")
+# experiment names become folder names: plain names only (no separators, no leading dot)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_INTEGER_RE = r"(0|[1-9]\d*)"
+_SIRNA_2023_RE = r"sirna_\d+"
+NEGATIVE_2023 = "UNTREATED"
 
 
 # ----------------------------------------------------------------------------------------------
-# Layout detection and CSV reading
+# CSV reading
 # ----------------------------------------------------------------------------------------------
 
 
-def detect_layout(root: str | Path) -> str:
-    """Name the layout of the folder ``root``: one of ``LAYOUTS``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError("data folder not found", root)
-    if (root / "metadata.csv").is_file():
-        return "rxrx1"
-    train = root / "train.csv"
-    if not train.is_file():
-        raise DataError("no train.csv (Kaggle layout) or metadata.csv (RxRx1 release) in this folder", root)
-    labels = _read_csv(train, KAGGLE_FILES["train.csv"], nrows=200)["sirna"]
-    return "kaggle-2019" if labels.str.fullmatch(r"\d+").all() else "kaggle-2023"
-
-
-def _read_csv(path: Path, columns: list[str], nrows: int | None = None) -> pd.DataFrame:
+def read_csv_strict(path: Path, columns: list[str], nrows: int | None = None) -> pd.DataFrame:
+    """A CSV as strings (values stripped), with the ``columns`` required; any defect is a one-line error."""
     if not path.is_file():
-        raise DataError("file not found", path)
+        raise DataError("file not found" if not path.exists() else "is not a file", path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"not a readable CSV ({err})", path) from err
-    frame.columns = [c.strip() for c in frame.columns]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=nrows, index_col=False)
+    except PermissionError:
+        raise DataError("cannot read the file (permission denied)", path) from None
+    except pd.errors.ParserWarning:
+        raise DataError("rows have more fields than the header", path) from None
+    except pd.errors.EmptyDataError:
+        raise DataError("empty file (no header)", path) from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"not a readable CSV ({str(err).strip().splitlines()[-1]})", path) from None
+    except UnicodeDecodeError:
+        raise DataError("not a text CSV (not UTF-8)", path) from None
+    except OSError as err:
+        raise DataError(f"cannot read the file ({err.strerror or err})", path) from None
+    frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}", path)
+    for column in frame.columns:
+        frame[column] = frame[column].str.strip()
     return frame
 
 
+def _row(frame: pd.DataFrame, mask: pd.Series) -> int:
+    """The 1-based line number (header = line 1) of the first row where ``mask`` holds."""
+    return int(np.flatnonzero(mask.to_numpy())[0]) + 2
+
+
 def _check_wells(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Validate plate, well and id_code columns; return the frame with an integer plate."""
+    """Validate plate, well, experiment and id_code columns; return the frame with an integer plate."""
     plate = pd.to_numeric(frame["plate"], errors="coerce")
     bad = plate.isna() | ~plate.isin(range(1, N_PLATES + 1))
     if bad.any():
-        row = frame[bad].iloc[0]
-        raise DataError(f"plate {row['plate']!r} outside 1-{N_PLATES} (row {row.name + 2})", path)
+        raise DataError(f"plate {frame['plate'][bad].iloc[0]!r} outside 1-{N_PLATES} (row {_row(frame, bad)})", path)
     bad = ~frame["well"].str.fullmatch(_WELL_RE)
     if bad.any():
-        row = frame[bad].iloc[0]
-        raise DataError(f"unknown well name {row['well']!r} (row {row.name + 2})", path)
-    bad = frame["experiment"].str.strip() == ""
+        raise DataError(f"unknown well name {frame['well'][bad].iloc[0]!r} (row {_row(frame, bad)})", path)
+    bad = frame["experiment"] == ""
     if bad.any():
-        raise DataError(f"empty experiment (row {frame[bad].index[0] + 2})", path)
+        raise DataError(f"empty experiment (row {_row(frame, bad)})", path)
+    bad = ~frame["experiment"].str.fullmatch(NAME_RE)
+    if bad.any():
+        raise DataError(f"experiment {frame['experiment'][bad].iloc[0]!r} is not a plain name "
+                        f"(letters, digits, - _ . only; row {_row(frame, bad)})", path)
     frame = frame.assign(plate=plate.astype(int))
     if "id_code" in frame.columns:
         expected = frame["experiment"] + "_" + frame["plate"].astype(str) + "_" + frame["well"]
         bad = frame["id_code"] != expected
         if bad.any():
-            row = frame[bad].iloc[0]
-            raise DataError(
-                f"id_code {row['id_code']!r} disagrees with its columns (expected {expected[row.name]!r}, "
-                f"row {row.name + 2})",
-                path,
-            )
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"id_code {frame['id_code'].iloc[i]!r} disagrees with its columns (expected "
+                            f"{expected.iloc[i]!r}, row {i + 2})", path)
         dup = frame["id_code"].duplicated()
         if dup.any():
-            raise DataError(f"duplicate id_code {frame['id_code'][dup].iloc[0]!r}", path)
+            raise DataError(f"duplicate id_code {frame['id_code'][dup].iloc[0]!r} (row {_row(frame, dup)})", path)
     return frame
 
 
@@ -109,21 +126,104 @@ def _expand_sites(wells: pd.DataFrame) -> pd.DataFrame:
     return sites
 
 
-def _read_kaggle(root: Path) -> tuple[pd.DataFrame, list[str] | None]:
+# ----------------------------------------------------------------------------------------------
+# Label spelling: each layout has one, and a label outside it is refused with its row
+# ----------------------------------------------------------------------------------------------
+
+
+def _label_spelling(labels: pd.Series) -> str:
+    """``kaggle-2019`` when the labels are integers, ``kaggle-2023`` when ``sirna_<k>``/``UNTREATED``."""
+    labels = labels[labels != ""]
+    integers = labels.str.fullmatch(_INTEGER_RE).mean() if len(labels) else 1.0
+    return "kaggle-2019" if integers >= 0.5 else "kaggle-2023"
+
+
+def _check_spelling(frame: pd.DataFrame, layout: str, path: Path, column: str = "label") -> None:
+    labels = frame[column]
+    given = labels != ""
+    if layout in ("kaggle-2019", "wilds"):
+        bad = given & ~labels.str.fullmatch(_INTEGER_RE)
+        expected = "an integer label (0, 1, ...)"
+    elif layout == "kaggle-2023":
+        bad = given & ~(labels.str.fullmatch(_SIRNA_2023_RE) | (labels == NEGATIVE_2023))
+        expected = f"a label spelt sirna_<k> or {NEGATIVE_2023}"
+    else:
+        return
+    if bad.any():
+        raise DataError(f"label {labels[bad].iloc[0]!r} (row {_row(frame, bad)}) is not {expected} as in the "
+                        f"rest of this {layout} data (mixed label spellings?)", path)
+
+
+def _check_label_roles(wells: pd.DataFrame, layout: str, root: Path) -> None:
+    """A label names one kind of well, and (integer spellings) treatments come before the controls.
+
+    In the 2019 numbering treatments are 0..1107 and controls 1108..1138, so a treatment label at
+    or above the first control label (``99999``) is a typing error, not a new class.
+    """
+    labelled = wells[wells["label"] != ""]
+    kinds = labelled.groupby("label")["well_type"].nunique()
+    if (kinds > 1).any():
+        label = kinds[kinds > 1].index[0]
+        where = labelled[labelled["label"] == label].drop_duplicates("well_type")
+        places = ", ".join(f"{t} in {s}" for t, s in zip(where["well_type"], where["source"]))
+        raise DataError(f"label {label!r} names different kinds of well ({places})", root)
+    treat = labelled["well_type"] == "treatment"
+    if layout == "kaggle-2023":
+        bad = treat & (labelled["label"] == NEGATIVE_2023)
+        if bad.any():
+            row = labelled[bad].iloc[0]
+            raise DataError(f"treatment well {row['id_code']} has the negative-control label {NEGATIVE_2023}",
+                            root / row["source"])
+    if layout in ("kaggle-2019", "wilds") and (~treat).any() and treat.any():
+        values = labelled["label"].astype(np.int64)
+        first_control = int(values[~treat].min())
+        bad = treat & (values >= first_control)
+        if bad.any():
+            row = labelled[bad].iloc[0]
+            raise DataError(f"treatment label {row['label']!r} of well {row['id_code']} is outside the treatment "
+                            f"range of this data (controls start at {first_control})", root / row["source"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def detect_layout(root: str | Path) -> str:
+    """Name the layout of the folder ``root``: one of ``LAYOUTS``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("data folder not found" if not root.exists() else "is not a folder", root)
+    if (root / "metadata.csv").is_file():
+        dataset = read_csv_strict(root / "metadata.csv", RELEASE_COLUMNS)["dataset"]
+        return "wilds" if (dataset == "val").any() else "rxrx1"
+    train = root / "train.csv"
+    if not train.is_file():
+        raise DataError("no train.csv (Kaggle layout) or metadata.csv (RxRx1 / WILDS release) in this folder", root)
+    return _label_spelling(read_csv_strict(train, KAGGLE_FILES["train.csv"])["sirna"])
+
+
+def _read_kaggle(root: Path) -> tuple[pd.DataFrame, str, list[str] | None]:
     frames = []
+    layout = None
     for name, columns in KAGGLE_FILES.items():
         path = root / name
-        frame = _check_wells(_read_csv(path, columns), path)
+        frame = _check_wells(read_csv_strict(path, columns), path)
         split = "train" if name.startswith("train") else "test"
         if "well_type" not in frame.columns:
             frame["well_type"] = "treatment"
         bad = ~frame["well_type"].isin(WELL_TYPES)
         if bad.any():
-            raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r}", path)
+            raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r} (row {_row(frame, bad)})", path)
         label = frame["sirna"] if "sirna" in frame.columns else pd.Series("", index=frame.index)
-        if name != "test.csv" and (label.str.strip() == "").any():
-            raise DataError(f"empty sirna label (row {int(np.argmax(label.str.strip() == '')) + 2})", path)
-        frame = frame.assign(split=split, label=label.str.strip(), source=name)
+        if name != "test.csv" and (label == "").any():
+            raise DataError(f"empty sirna label (row {_row(frame, label == '')})", path)
+        if name == "test.csv" and (label != "").any():
+            label = pd.Series("", index=frame.index)  # a test.csv with labels: not a Kaggle file; ignore them
+        if layout is None:
+            layout = _label_spelling(label)
+        frame = frame.assign(split=split, label=label, source=name)
+        _check_spelling(frame, layout, path)
         frames.append(frame[["id_code", "experiment", "plate", "well", "split", "well_type", "label", "source"]])
     wells = pd.concat(frames, ignore_index=True)
     dup = wells["id_code"].duplicated(keep=False)
@@ -131,29 +231,37 @@ def _read_kaggle(root: Path) -> tuple[pd.DataFrame, list[str] | None]:
         first = wells[dup].iloc[0]["id_code"]
         files = ", ".join(sorted(wells[wells["id_code"] == first]["source"]))
         raise DataError(f"duplicate id_code {first!r} (in {files})", root)
+    _check_label_roles(wells, layout, root)
     order = None
     sample = root / "sample_submission.csv"
     if sample.is_file():
-        order = _read_csv(sample, ["id_code", "sirna"])["id_code"].tolist()
-    return wells.drop(columns="source"), order
+        order = read_csv_strict(sample, ["id_code", "sirna"])["id_code"].tolist()
+    return wells.drop(columns="source"), layout, order
 
 
-def _read_rxrx1(root: Path) -> pd.DataFrame:
+def _read_release(root: Path, layout: str) -> pd.DataFrame:
+    """The full RxRx1 release or the WILDS release: one ``metadata.csv`` row per site."""
     path = root / "metadata.csv"
-    frame = _read_csv(path, RXRX1_COLUMNS)
-    label_column = "sirna" if "sirna" in frame.columns else "sirna_id" if "sirna_id" in frame.columns else None
-    if label_column is None:
-        raise DataError("missing column sirna (or sirna_id)", path)
+    frame = read_csv_strict(path, RELEASE_COLUMNS)
+    if layout == "wilds":
+        label_column = "sirna_id"
+    else:
+        label_column = "sirna" if "sirna" in frame.columns else "sirna_id"
+    if label_column not in frame.columns:
+        raise DataError(f"missing column {label_column} (the labels of the {layout} layout)", path)
     frame = _check_wells(frame, path)
     site = pd.to_numeric(frame["site"], errors="coerce")
-    if site.isna().any() or not site.isin(range(1, N_SITES + 1)).all():
-        raise DataError(f"site outside 1-{N_SITES}", path)
-    bad = ~frame["dataset"].isin(["train", "test"])
+    bad = site.isna() | ~site.isin(range(1, N_SITES + 1))
     if bad.any():
-        raise DataError(f"unknown dataset {frame['dataset'][bad].iloc[0]!r} (expected train or test)", path)
+        raise DataError(f"site {frame['site'][bad].iloc[0]!r} outside 1-{N_SITES} (row {_row(frame, bad)})", path)
+    splits = WILDS_SPLITS if layout == "wilds" else ("train", "test")
+    bad = ~frame["dataset"].isin(splits)
+    if bad.any():
+        raise DataError(f"unknown dataset {frame['dataset'][bad].iloc[0]!r} (row {_row(frame, bad)}; expected "
+                        f"{' / '.join(splits)})", path)
     bad = ~frame["well_type"].isin(WELL_TYPES)
     if bad.any():
-        raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r}", path)
+        raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r} (row {_row(frame, bad)})", path)
     sites = pd.DataFrame(
         {
             "id_code": frame["experiment"] + "_" + frame["plate"].astype(str) + "_" + frame["well"],
@@ -163,14 +271,25 @@ def _read_rxrx1(root: Path) -> pd.DataFrame:
             "site": site.astype(int),
             "split": frame["dataset"],
             "well_type": frame["well_type"],
-            "label": frame[label_column].str.strip(),
+            "label": frame[label_column],
+            "source": "metadata.csv",
         }
     )
+    labelled_split = sites["split"] != "test" if layout == "rxrx1" else pd.Series(True, index=sites.index)
+    missing = labelled_split & (sites["label"] == "")
+    if missing.any():
+        raise DataError(f"empty {label_column} label (row {_row(sites, missing)})", path)
+    _check_spelling(sites, layout, path)
     dup = sites.duplicated(["id_code", "site"])
     if dup.any():
         row = sites[dup].iloc[0]
-        raise DataError(f"duplicate site {row['id_code']}_{row['site']}", path)
-    return sites
+        raise DataError(f"duplicate site {row['id_code']}_s{row['site']} (row {_row(sites, dup)})", path)
+    kinds = sites.groupby("id_code")[["split", "well_type", "label"]].nunique()
+    if (kinds > 1).any(axis=None):
+        raise DataError(f"the sites of well {kinds[(kinds > 1).any(axis=1)].index[0]!r} disagree on its split, "
+                        "well type or label", path)
+    _check_label_roles(sites.drop_duplicates("id_code"), layout, root)
+    return sites.drop(columns="source")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +323,9 @@ class ClassVocab:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self._index
 
     @property
     def treatment_labels(self) -> tuple[str, ...]:
@@ -326,6 +448,11 @@ class Dataset:
         return derive_plate_groups(self.wells[self.wells["split"] == "train"])
 
     @property
+    def channels(self) -> int:
+        """Image channels: 6 fluorescence channels, or 3 for the WILDS release's composites."""
+        return 3 if self.layout == "wilds" else N_CHANNELS
+
+    @property
     def test_ids(self) -> list[str]:
         """Test treatment wells in submission order (sample_submission where the data has it)."""
         if self.submission_order is not None:
@@ -338,7 +465,7 @@ class Dataset:
         w = self.wells
         is_treat = w["well_type"] == "treatment"
         train, test = w["split"] == "train", w["split"] == "test"
-        return {
+        summary = {
             "layout": self.layout,
             "root": str(self.root),
             "train_wells": int((train & is_treat).sum()),
@@ -354,6 +481,11 @@ class Dataset:
             "plate_groups": len(self.plate_groups.groups),
             "sites": len(self.sites),
         }
+        if self.layout == "wilds":
+            val = w["split"] == "val"
+            summary.update(val_wells=int((val & is_treat).sum()), val_control_wells=int((val & ~is_treat).sum()),
+                           val_experiments=int(w.loc[val, "experiment"].nunique()))
+        return summary
 
 
 def read_dataset(root: str | Path) -> Dataset:
@@ -361,10 +493,10 @@ def read_dataset(root: str | Path) -> Dataset:
     root = Path(root)
     layout = detect_layout(root)
     order = None
-    if layout == "rxrx1":
-        sites = _read_rxrx1(root)
+    if layout in ("rxrx1", "wilds"):
+        sites = _read_release(root, layout)
     else:
-        wells, order = _read_kaggle(root)
+        wells, layout, order = _read_kaggle(root)
         sites = _expand_sites(wells)
     sites["cell_type"] = sites["experiment"].str.split("-").str[0]
     sites = sites[SITE_COLUMNS].sort_values(["split", "experiment", "plate", "well", "site"], kind="stable")

@@ -80,10 +80,20 @@ def create_backbone(config: ModelConfig, in_chans: int) -> nn.Module:
 
 
 class RcicNet(nn.Module):
-    def __init__(self, config: ModelConfig, n_classes: int, n_cell_types: int, scale: float = 30.0):
+    """Backbone -> (cell-type embedding) -> neck -> head. ``in_channels``: 6, or 3 for RGB composites on disk.
+
+    ``model.input: rgb`` on 6-channel data mixes the channels to Recursion's composite first; on
+    the WILDS release (3-channel composites already) the backbone takes the images as they are.
+    """
+
+    def __init__(self, config: ModelConfig, n_classes: int, n_cell_types: int, scale: float = 30.0,
+                 in_channels: int = 6):
         super().__init__()
-        self.rgb = RgbComposite() if config.input == "rgb" else None
-        self.backbone = create_backbone(config, 3 if self.rgb is not None else 6)
+        if config.input == "six_channel" and in_channels != 6:
+            raise RecipeError(f"recipe key model.input: six_channel needs 6-channel images; this data has "
+                              f"{in_channels}-channel images (the WILDS release: set model.input=rgb)")
+        self.rgb = RgbComposite() if config.input == "rgb" and in_channels == 6 else None
+        self.backbone = create_backbone(config, 6 if config.input == "six_channel" else 3)
         width = self.backbone.num_features
         self.embed = nn.Embedding(n_cell_types, config.cell_type_embedding) if config.cell_type_embedding else None
         width += config.cell_type_embedding
@@ -100,12 +110,9 @@ class RcicNet(nn.Module):
         self.head = CosineHead(width, n_classes) if self.cosine else nn.Linear(width, n_classes)
         self.scale = scale
 
-    def backbone_parameters(self):
-        return self.backbone.parameters()
-
-    def head_parameters(self):
-        skip = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in skip]
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides norms and biases (timm's convention)."""
+        return {"embed.weight"} if self.embed is not None else set()
 
     def forward(self, image: torch.Tensor, cell_type: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.rgb(image) if self.rgb is not None else image

@@ -6,7 +6,7 @@ prediction functions load torch on first use.
 
 from rcic.predict.logits import Logits, average_logits, load_logits, save_logits
 
-_RUNNER = ("find_checkpoint", "load_task", "predict", "predict_run")
+_RUNNER = ("find_checkpoint", "load_task", "predict", "predict_run", "run_val_experiments")
 
 
 def __getattr__(name: str):
@@ -18,4 +18,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Logits", "average_logits", "find_checkpoint", "load_logits", "load_task", "predict", "predict_run",
-           "save_logits"]
+           "run_val_experiments", "save_logits"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from rcic.atomic import atomic_path
 from rcic.errors import DataError
@@ -22,6 +23,8 @@ class Logits:
     logits: np.ndarray
     classes: list[str]
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    wells: pd.DataFrame | None = None  # the wells' metadata where prediction made them (not stored)
+    site_logits: np.ndarray | None = None  # (wells, 2, classes) where asked for (not stored)
 
 
 def save_logits(path: str | Path, logits: Logits) -> None:

@@ -1,4 +1,9 @@
-"""Prediction: D4 test-time augmentation, site averaging and run ensembles, into a logits file."""
+"""Prediction through Lightning: ``Trainer.predict`` over wells (both sites x D4 TTA in the predict
+step), any accelerator and precision Lightning supports, ``devices`` for DDP, run ensembles.
+
+``predict`` returns well logits (and pooled features) averaged over the runs; under DDP it returns
+them on rank 0 and None on the other ranks, which write nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
-from rcic.data.dataset import RxRxDataModule
-from rcic.data.transforms import TTA_SETS, d4_transform
+from rcic.data.augment import TTA_SETS
+from rcic.data.dataset import PREDICT_SPLITS, RxRxDataModule
 from rcic.errors import DataError, RcicError
 from rcic.predict.logits import Logits
 from rcic.store.source import ImageSource
+from rcic.training.callbacks import WellPredictionWriter
+from rcic.training.fit import distribution, resolve_channels_last, resolve_precision
 from rcic.training.module import RcicTask
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
             raise RcicError("checkpoint not found", path)
         return path
     if not run_dir.is_dir():
-        raise RcicError("run folder not found", run_dir)
+        raise RcicError("run folder not found" if not run_dir.exists() else "is not a run folder", run_dir)
     path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not path.is_file():
         raise RcicError(f"no {checkpoint} checkpoint in this run folder (checkpoints/{checkpoint}.ckpt)", run_dir)
@@ -39,94 +44,137 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
 
 
 def load_task(path: Path) -> RcicTask:
+    """An rcic checkpoint as a task; anything else (another file, a truncated one) is a one-line error."""
+    import pickle
+    import zipfile
+
     try:
         return RcicTask.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, KeyError, EOFError, OSError) as err:
-        raise RcicError(f"not a readable rcic checkpoint ({type(err).__name__})", path) from err
+    except (RuntimeError, KeyError, EOFError, OSError, TypeError, AttributeError, ValueError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise RcicError(f"not a readable rcic checkpoint ({type(err).__name__})", path) from None
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run_val_experiments(run_dir: Path) -> list[str]:
+    """The experiments a run held out (``run.json``); a ``data.fold: all`` run has none."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RcicError("no readable run.json: --split val needs the run folder's record of its held-out "
+                        "experiments", run_dir) from None
+    if info.get("fold") == "all" or not info.get("val_experiments"):
+        raise RcicError("trained with data.fold: all (every labelled experiment), so it has no held-out "
+                        "experiments for --split val", run_dir)
+    return list(info["val_experiments"])
 
 
-@torch.no_grad()
-def predict_run(task: RcicTask, source: ImageSource, split: str, tta: int = 8, batch_size: int = 64,
-                num_workers: int = 0, embeddings: bool = False,
-                progress: Callable[[int, int], None] | None = None
-                ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
-    """Per-site logits of one run, averaged over the TTA transforms: (rows, logits, features)."""
+def _check_split(split: str, tta: int) -> None:
+    if split not in PREDICT_SPLITS:
+        raise RcicError(f"--split must be one of {', '.join(PREDICT_SPLITS)}, got {split!r}")
     if tta not in TTA_SETS:
         raise RcicError(f"--tta must be one of {', '.join(map(str, TTA_SETS))}, got {tta}")
-    dm = RxRxDataModule(source, task.recipe)
+
+
+def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments: list[str] | None = None,
+                tta: int = 8, batch_size: int = 32, num_workers: int = 0, devices: int | str = 1,
+                precision: str = "auto", accelerator: str = "auto", controls: bool = False,
+                progress: Callable[[int, int], None] | None = None, site_outputs: bool = False):
+    """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere."""
+    _check_split(split, tta)
+    recipe = task.recipe
+    dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     if list(dm.classes) != task.classes:
         raise DataError("the run's classes differ from this data's (another dataset or label spelling?)",
                         source.dataset.root)
-    rows = dm.rows_for(split)
-    dataset = dm.make_dataset(rows, train=False)
-    # the model saw the run's own cell-type order; map this data's cell types onto it
-    lookup = {c: i for i, c in enumerate(task.cell_types)}
-    cell_index = torch.tensor([lookup.get(c, 0) for c in dm.cell_types])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    device = _device()
-    net = task.net.to(device).eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    logits, feats, done = [], [], 0
-    for batch in loader:
-        images = batch["image"].to(device)
-        cell = cell_index[batch["cell_type"]].to(device)
-        total, ftotal = 0, 0
-        with autocast:
-            for k in TTA_SETS[tta]:
-                out = net(d4_transform(images, k), cell)
-                total = total + out["logits"].float()
-                ftotal = ftotal + out["features"].float()
-        logits.append((total / len(TTA_SETS[tta])).cpu().numpy())
-        feats.append((ftotal / len(TTA_SETS[tta])).cpu().numpy())
-        done += len(images)
-        if progress:
-            progress(done, len(dataset))
-    features = np.concatenate(feats) if embeddings else None
-    return dataset.rows, np.concatenate(logits), features
-
-
-def _per_well(rows: pd.DataFrame, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average over the sites of each well (both sites; one where the other is missing)."""
-    codes, inverse = np.unique(rows["id_code"].to_numpy(), return_inverse=True)
-    sums = np.zeros((len(codes), values.shape[1]), np.float64)
-    np.add.at(sums, inverse, values)
-    counts = np.bincount(inverse, minlength=len(codes))[:, None]
-    return codes, (sums / counts).astype(np.float32)
+    if source.dataset.channels != task.in_channels:
+        raise DataError(f"the run was trained on {task.in_channels}-channel images; this data has "
+                        f"{source.dataset.channels}", source.dataset.root)
+    if dm.input_size != task.input_size and task.recipe.data.image_size is None:
+        log.info("sites are %d px, the run was trained at %d px: resizing", dm.input_size, task.input_size)
+    dm.setup("predict")
+    rows = dm.rows_for(split, val_experiments, controls=controls)
+    if rows.empty:
+        raise DataError(f"no wells to predict for --split {split}", source.dataset.root)
+    unknown = sorted(set(rows["cell_type"]) - set(task.cell_types))
+    if unknown and task.net.embed is not None:
+        raise DataError(f"cell type {unknown[0]} is not one the run was trained on "
+                        f"({', '.join(task.cell_types)}); its cell-type embedding has no entry for it",
+                        source.dataset.root)
+    index = {c: i for i, c in enumerate(task.cell_types)} | {c: 0 for c in unknown}  # unused without embedding
+    dataset = dm.well_dataset(rows, index)
+    loader = dm.predict_dataloader_for(dataset, batch_size, num_workers)
+    task.tta = TTA_SETS[tta]
+    task.site_outputs = site_outputs
+    task.channels_last = resolve_channels_last(recipe)
+    writer = WellPredictionWriter(progress)
+    trainer = L.Trainer(accelerator=accelerator, precision=resolve_precision(precision), logger=False,
+                        callbacks=[writer], enable_progress_bar=False, enable_model_summary=False,
+                        **distribution(devices))
+    trainer.predict(task, dataloaders=loader, return_predictions=False)
+    out = writer.collect(trainer)
+    if out is None:
+        return None
+    if len(out["index"]) != len(dataset):
+        raise RcicError(f"prediction covered {len(out['index'])} of {len(dataset)} wells")
+    wells = dataset.wells.assign(real_sites=dataset.real_sites)
+    return wells, out["logits"], out["features"], out.get("site_logits")
 
 
 def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test", tta: int = 8,
-            checkpoint: str = "best", batch_size: int = 64, num_workers: int = 0, embeddings: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> Logits:
-    """Well logits averaged over both sites, the TTA transforms and all given runs."""
-    if split not in ("test", "val"):
-        raise RcicError(f"--split must be test or val, got {split!r}")
-    runs = [(Path(r), load_task(find_checkpoint(r, checkpoint))) for r in run_dirs]
-    log.info("predicting %s with %d run(s), TTA x%d, %s checkpoint", split, len(runs), tta, checkpoint)
-    ids, total, ftotal, classes, labels = None, None, None, None, None
-    for i, (run_dir, task) in enumerate(runs):
-        sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(runs) * n))
-        rows, logits, feats = predict_run(task, source, split, tta, batch_size, num_workers, embeddings, sub)
-        codes, well_logits = _per_well(rows, logits)
-        if ids is None:
-            ids, classes, total = codes, task.classes, well_logits.astype(np.float64)
-            ftotal = None if feats is None else _per_well(rows, feats)[1].astype(np.float64)
-            truth = rows.drop_duplicates("id_code").set_index("id_code")["label"]
-            labels = truth.loc[codes].to_numpy().astype(str)
+            checkpoint: str = "best", batch_size: int = 32, num_workers: int = 0, embeddings: bool = False,
+            progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
+            accelerator: str = "auto", controls: bool = False, combine: str = "mean",
+            site_outputs: bool = False) -> Logits | None:
+    """Well logits averaged over both sites, the TTA transforms and all given runs.
+
+    ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
+    agree), ``test``, ``train`` or ``all``; ``controls`` adds the control wells (embeddings).
+    ``combine``: features of an ensemble averaged (``mean``) or side by side (``concat``).
+    ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
+    """
+    _check_split(split, tta)
+    run_dirs = [Path(r) for r in run_dirs]
+    val_experiments = None
+    if split == "val":
+        held_out = {str(r): run_val_experiments(r) for r in run_dirs}
+        val_experiments = held_out[str(run_dirs[0])]
+        for run, experiments in held_out.items():
+            if experiments != val_experiments:
+                raise RcicError("runs hold out different experiments; --split val needs runs of the same fold "
+                                "(data.split_seed and data.fold)", run)
+    tasks = [(r, load_task(find_checkpoint(r, checkpoint))) for r in run_dirs]
+    log.info("predicting %s with %d run(s), TTA x%d, %s checkpoint", split, len(tasks), tta, checkpoint)
+    wells, total, features, classes, site_total = None, None, [], None, None
+    for i, (run_dir, task) in enumerate(tasks):
+        sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(tasks) * n))
+        result = predict_run(task, source, split, val_experiments, tta, batch_size, num_workers, devices,
+                             precision, accelerator, controls, sub, site_outputs)
+        if result is None:
+            continue  # a non-zero DDP rank: rank 0 assembles
+        run_wells, logits, feats, site_logits = result
+        if site_logits is not None:
+            site_total = site_logits.astype(np.float64) + (0 if site_total is None else site_total)
+        if wells is None:
+            wells, classes, total = run_wells, task.classes, logits.astype(np.float64)
         else:
             if task.classes != classes:
                 raise RcicError("runs predict different classes; ensemble runs trained on the same data", run_dir)
-            if not np.array_equal(codes, ids):
-                raise RcicError("runs cover different wells (for --split val, give runs of the same fold)", run_dir)
-            total += well_logits
-            if ftotal is not None:
-                ftotal += _per_well(rows, feats)[1]
-    extra = {"labels": labels} if split == "val" else {}
-    if ftotal is not None:
-        extra["embeddings"] = (ftotal / len(runs)).astype(np.float32)
-    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint}) for r, _ in runs])
-    return Logits(ids, (total / len(runs)).astype(np.float32), list(classes), extra)
+            if not np.array_equal(run_wells["id_code"].to_numpy(), wells["id_code"].to_numpy()):
+                raise RcicError("runs cover different wells", run_dir)
+            total += logits
+        features.append(feats)
+    if wells is None:
+        return None
+    extra: dict[str, np.ndarray] = {}
+    if split != "test" or (wells["label"] != "").all():
+        extra["labels"] = wells["label"].to_numpy().astype(str)
+    if embeddings:
+        extra["embeddings"] = (np.mean(features, axis=0) if combine == "mean"
+                               else np.concatenate(features, axis=1)).astype(np.float32)
+    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint})
+                                for r, _ in tasks])
+    logits = Logits(wells["id_code"].to_numpy(), (total / len(tasks)).astype(np.float32), list(classes), extra,
+                    wells=wells)
+    if site_total is not None:
+        logits.site_logits = (site_total / len(tasks)).astype(np.float32)
+    return logits

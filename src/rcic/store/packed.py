@@ -86,15 +86,16 @@ class PackResult:
 
 def _pack_block(args) -> tuple[int, list[tuple[int, str]]]:
     """Worker: read, resize and write one block of sites; returns (block, failures)."""
-    root, store_path, block, rows, size, skip_missing = args
+    root, store_path, block, rows, size, skip_missing, layout = args
     group = zarr.open_group(store_path, mode="r+")
     images, stats = group["images"], group["stats"]
     start = rows[0]["index"]
-    data = np.zeros((len(rows), 6, size, size), np.uint8)
+    channels = images.shape[1]
+    data = np.zeros((len(rows), channels, size, size), np.uint8)
     failed = []
     for k, row in enumerate(rows):
         try:
-            image = load_site(root, row["id_code"], row["site"], row["split"])
+            image = load_site(root, row["id_code"], row["site"], row["split"], layout=layout)
         except DataError as err:
             if not skip_missing:
                 raise
@@ -107,7 +108,7 @@ def _pack_block(args) -> tuple[int, list[tuple[int, str]]]:
             image = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in image])
         data[k] = image
     images[start:start + len(rows)] = data
-    flat = data.reshape(len(rows), 6, -1).astype(np.float32)
+    flat = data.reshape(len(rows), channels, -1).astype(np.float32)
     stats[start:start + len(rows)] = np.stack([flat.mean(-1), flat.std(-1)], axis=-1)
     return block, failed
 
@@ -125,7 +126,7 @@ def pack(
     dataset = read_dataset(data)
     sites = dataset.sites
     if size is None:
-        size = _probe_size(data, sites, skip_missing)
+        size = _probe_size(data, sites, skip_missing, dataset.layout)
     if not 8 <= size <= 4096:
         raise DataError(f"--size must be in 8-4096, got {size}")
     out = Path(out)
@@ -146,7 +147,8 @@ def pack(
     records = sites.assign(index=np.arange(len(sites)))[["index", "id_code", "site", "split"]]
     records = records.to_dict("records")
     todo = [b for b in range(n_blocks) if not done[b]]
-    jobs = [(str(data), str(out), b, records[b * BLOCK:(b + 1) * BLOCK], size, skip_missing) for b in todo]
+    jobs = [(str(data), str(out), b, records[b * BLOCK:(b + 1) * BLOCK], size, skip_missing, dataset.layout)
+            for b in todo]
     finished = resumed * BLOCK
     missing_rows: list[tuple[int, str]] = _read_missing(out)
     if progress:
@@ -177,11 +179,12 @@ def pack(
     return PackResult(out, len(sites), int(ok.sum()), int((~ok).sum()), resumed)
 
 
-def _probe_size(data, sites: pd.DataFrame, skip_missing: bool) -> int:
+def _probe_size(data, sites: pd.DataFrame, skip_missing: bool, layout: str) -> int:
     """The stored site size: that of the first readable site (``--size`` defaults to it)."""
     for row in sites.head(1000 if skip_missing else 1).to_dict("records"):
         try:
-            return load_site(data, row["id_code"], int(row["site"]), row["split"], channels=(1,)).shape[-1]
+            return load_site(data, row["id_code"], int(row["site"]), row["split"], channels=(1,),
+                             layout=layout).shape[-1]
         except DataError:
             if not skip_missing:
                 raise
@@ -192,11 +195,11 @@ def _create_store(out: Path, dataset: Dataset, size: int, compression: str, fing
     compressors = _compressors(compression)
     out.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(out, mode="w")
-    n = len(dataset.sites)
-    group.create_array("images", shape=(n, 6, size, size), chunks=(1, 6, size, size), dtype="uint8",
+    n, c = len(dataset.sites), dataset.channels
+    group.create_array("images", shape=(n, c, size, size), chunks=(1, c, size, size), dtype="uint8",
                        compressors=compressors, fill_value=0)
     # one stats chunk per pack block: each worker writes only its own chunks (no shared chunk races)
-    group.create_array("stats", shape=(n, 6, 2), chunks=(BLOCK, 6, 2), dtype="float32", fill_value=0.0)
+    group.create_array("stats", shape=(n, c, 2), chunks=(BLOCK, c, 2), dtype="float32", fill_value=0.0)
     group.create_array("ok", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=True)
     group.create_array("done", shape=(n_blocks,), chunks=(max(n_blocks, 1),), dtype="bool", fill_value=False)
     atomic_write_text(out / "sites.csv", dataset.sites.to_csv(index=False))
@@ -294,9 +297,11 @@ class PackedStore:
         key = meta.get("chunk_key_encoding", {})
         chunk = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
         if (codecs not in (["bytes"], ["bytes", "blosc"]) or key.get("name") != "default"
-                or key.get("configuration", {}).get("separator") != "/" or chunk != [1, 6, self.size, self.size]):
+                or key.get("configuration", {}).get("separator") != "/"
+                or chunk[:1] + chunk[2:] != [1, self.size, self.size]):
             return None
-        folder, shape = self.path / "images" / "c", (6, self.size, self.size)
+        channels = meta["shape"][1]
+        folder, shape = self.path / "images" / "c", (channels, self.size, self.size)
         blosc = codecs[-1] == "blosc"
 
         def read(index: int) -> np.ndarray:

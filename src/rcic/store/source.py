@@ -32,19 +32,20 @@ class PngSource:
         self._stats: np.ndarray | None = None
 
     def read_site(self, row) -> np.ndarray:
-        return load_site(self.root, row["id_code"], int(row["site"]), row["split"])
+        return load_site(self.root, row["id_code"], int(row["site"]), row["split"], layout=self.dataset.layout)
 
     def channel_stats(self, progress=None) -> np.ndarray:
-        """(n_sites, 6, 2) per-channel mean and std, by reading every site once (pack to avoid this).
+        """(n_sites, C, 2) per-channel mean and std, by reading every site once (pack to avoid this).
 
         Cached: training, validation and every run of an ensemble share one pass over the PNGs.
         """
         if self._stats is not None:
             return self._stats
         sites = self.dataset.sites
-        out = np.zeros((len(sites), 6, 2), np.float32)
+        channels = self.dataset.channels
+        out = np.zeros((len(sites), channels, 2), np.float32)
         for i, row in enumerate(sites.to_dict("records")):
-            flat = self.read_site(row).reshape(6, -1).astype(np.float32)
+            flat = self.read_site(row).reshape(channels, -1).astype(np.float32)
             out[i, :, 0], out[i, :, 1] = flat.mean(-1), flat.std(-1)
             if progress:
                 progress(i + 1, len(sites))

@@ -12,6 +12,16 @@ subtly; controls strongly. Experiments add batch effects (per-channel gain and o
 illumination, focus, cell density) and cell types differ, so a model that does not normalise
 generalises worse to unseen experiments. Each site has its own random stream, so the output
 is byte-identical for a seed whatever the number of workers.
+
+Biology to find: every siRNA targets a gene (some genes by two siRNAs), genes form complexes
+(pathways) whose members share a phenotype direction, so replicate retrieval, batch correction
+and known-relationship recall all have a known right answer (``genes.csv``: label,gene;
+``relationships.csv``: gene_a,gene_b, the pairs within one complex).
+
+Knobs for what real data varies (``SynthConfig``): batch-effect strength, size and spread of the
+siRNA effects, how much of an effect is specific to a cell type, how different the cell types'
+morphology is, image size, and wells missing from plates. ``layout="wilds"`` writes the WILDS
+release instead (metadata.csv, 3-channel composite PNGs, sirna_id labels, train/val/test split).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -28,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from rcic.errors import DataError
+from rcic.io.images import to_rgb
 
 ROWS = "BCDEFGHIJKLMNO"
 COLS = range(2, 24)
@@ -59,7 +71,14 @@ class SynthConfig:
     image_size: int = 64
     seed: int = 0
     label_style: str = "kaggle-2019"  # or "kaggle-2023": sirna_<k> / UNTREATED
+    layout: str = "kaggle"  # or "wilds": the WILDS release (metadata.csv, RGB composites, val split)
     batch_effect: float = 1.0  # strength of experiment-level effects
+    effect_size: float = 0.425  # median strength of a siRNA's morphological effect
+    effect_spread: float = 0.65  # strengths spread uniformly over effect_size * (1 +- spread)
+    cell_type_effect: float = 0.0  # share of an effect that differs between cell types (0-1)
+    morphology: float = 1.0  # how different the cell types look (0: alike, 1: default, 2: more)
+    missing_wells: float = 0.0  # fraction of treatment wells missing from each plate
+    pathway_weight: float = 0.6  # share of an effect common to a gene's complex (the biology to recover)
 
     def __post_init__(self):
         if self.n_classes < 4 or self.n_classes % 4:
@@ -77,6 +96,15 @@ class SynthConfig:
             raise DataError("need at least one train and one test experiment per cell type")
         if self.label_style not in ("kaggle-2019", "kaggle-2023"):
             raise DataError(f"label_style must be kaggle-2019 or kaggle-2023, got {self.label_style!r}")
+        if self.layout not in ("kaggle", "wilds"):
+            raise DataError(f"layout must be kaggle or wilds, got {self.layout!r}")
+        if self.layout == "wilds" and self.label_style != "kaggle-2019":
+            raise DataError("the WILDS layout has integer labels (sirna_id): use label_style kaggle-2019")
+        for name, low, high in (("batch_effect", 0, 5), ("effect_size", 0, 5), ("effect_spread", 0, 1),
+                                ("cell_type_effect", 0, 1), ("morphology", 0, 3), ("missing_wells", 0, 0.5),
+                                ("pathway_weight", 0, 1)):
+            if not low <= getattr(self, name) <= high:
+                raise DataError(f"{name} must be in {low}-{high}, got {getattr(self, name)}")
 
 
 PRESETS = {
@@ -113,8 +141,10 @@ def design_plates(config: SynthConfig) -> tuple[pd.DataFrame, list[str]]:
                 for plate in range(1, 5):
                     group = groups[(plate - 1 + rotation) % 4]
                     wells = rng.choice(len(treatment_positions), size=len(group), replace=False)
-                    for cls, w in zip(rng.permutation(group), np.sort(wells)):
-                        rows.append((experiment, plate, treatment_positions[w], split, "treatment", cls))
+                    present = rng.random(len(group)) >= config.missing_wells
+                    for cls, w, keep in zip(rng.permutation(group), np.sort(wells), present):
+                        if keep:
+                            rows.append((experiment, plate, treatment_positions[w], split, "treatment", cls))
                     for k, cls in enumerate(controls):
                         rows.append((experiment, plate, CONTROL_POSITIONS[k], split, "positive_control", n + cls))
                     rows.append((experiment, plate, NEGATIVE_POSITION, split, "negative_control", n + npos))
@@ -131,6 +161,40 @@ def _class_labels(config: SynthConfig, rng: np.random.Generator) -> list[str]:
     # 2023 spelling: treatments and positive controls share one sirna_<k> numbering, shuffled
     numbers = rng.permutation(total - 1)
     return [f"sirna_{k}" for k in numbers] + ["UNTREATED"]
+
+
+def wilds_splits(wells: pd.DataFrame) -> pd.Series:
+    """The WILDS split of each well: one val experiment per cell type (the first test experiment where
+    there are two or more, else the last train one), the rest as in the Kaggle design."""
+    split = wells["split"].copy()
+    cell = wells["experiment"].str.split("-").str[0]
+    for _, part in wells.groupby(cell):
+        tests = sorted(part.loc[part["split"] == "test", "experiment"].unique())
+        trains = sorted(part.loc[part["split"] == "train", "experiment"].unique())
+        chosen = tests[0] if len(tests) >= 2 else trains[-1]
+        split[wells["experiment"] == chosen] = "val"
+    return split
+
+
+def _write_wilds_metadata(wells: pd.DataFrame, out: Path) -> None:
+    """``metadata.csv`` as the WILDS release has it: one row per site, sirna_id labels, dataset split."""
+    frame = wells.assign(dataset=wilds_splits(wells))
+    rows = frame.loc[frame.index.repeat(2)].reset_index(drop=True)
+    rows["site"] = np.tile([1, 2], len(frame))
+    meta = pd.DataFrame({
+        "site_id": rows["id_code"] + "_" + rows["site"].astype(str), "well_id": rows["id_code"],
+        "cell_type": rows["experiment"].str.split("-").str[0], "dataset": rows["dataset"],
+        "experiment": rows["experiment"], "plate": rows["plate"], "well": rows["well"], "site": rows["site"],
+        "well_type": rows["well_type"], "sirna": "s" + (10_000 + rows["cls"]).astype(str),
+        "sirna_id": rows["cls"]})
+    meta.to_csv(out / "metadata.csv", index=False)
+
+
+def _write_gene_tables(config: SynthConfig, labels: list[str], out: Path) -> None:
+    layer = gene_layer(config)
+    pd.DataFrame({"label": labels[: config.n_classes], "gene": [layer.names[g] for g in layer.gene_of]}).to_csv(
+        out / "genes.csv", index=False)
+    pd.DataFrame(layer.relationships(), columns=["gene_a", "gene_b"]).to_csv(out / "relationships.csv", index=False)
 
 
 def _write_csvs(wells: pd.DataFrame, labels: list[str], out: Path) -> None:
@@ -154,11 +218,75 @@ def _write_csvs(wells: pd.DataFrame, labels: list[str], out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def class_effects(config: SynthConfig, cls: int) -> dict[str, float]:
-    """Morphology multipliers of one class: strong for controls, strong-to-subtle for siRNAs."""
+EFFECT_DIMS = 9  # morphology traits a siRNA moves (see ``class_effects``)
+
+
+@dataclass(frozen=True)
+class GeneLayer:
+    """Which gene each treatment targets and which genes form a complex (pathway)."""
+
+    gene_of: tuple[int, ...]  # per treatment class
+    complex_of: tuple[int, ...]  # per gene
+    names: tuple[str, ...]  # per gene
+
+    def relationships(self) -> list[tuple[str, str]]:
+        """Every pair of genes in one complex (the known relationships a benchmark should recover)."""
+        pairs = []
+        for c in sorted(set(self.complex_of)):
+            members = [g for g, k in enumerate(self.complex_of) if k == c]
+            pairs += [(self.names[a], self.names[b]) for i, a in enumerate(members) for b in members[i + 1:]]
+        return pairs
+
+
+@lru_cache(maxsize=64)
+def gene_layer(config: SynthConfig) -> GeneLayer:
+    """~80% of siRNAs target a gene of their own, the rest a second siRNA's gene; complexes of 2-5 genes."""
+    rng = np.random.default_rng([config.seed, 5])
+    n = config.n_classes
+    n_genes = max(2, int(round(0.8 * n)))
+    gene_of = np.concatenate([np.arange(n_genes), rng.integers(0, n_genes, n - n_genes)])[rng.permutation(n)]
+    complex_of, c, g = np.zeros(n_genes, int), 0, 0
+    while g < n_genes:
+        size = int(rng.integers(2, 6))
+        complex_of[g:g + size] = c
+        g, c = g + size, c + 1
+    complex_of = complex_of[rng.permutation(n_genes)]
+    names = tuple(f"GENE{k + 1:04d}" for k in range(n_genes))
+    return GeneLayer(tuple(int(x) for x in gene_of), tuple(int(x) for x in complex_of), names)
+
+
+def _unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal(EFFECT_DIMS)
+    return v / np.linalg.norm(v)
+
+
+@lru_cache(maxsize=8192)
+def class_effects(config: SynthConfig, cls: int, cell_type: str | None = None) -> dict[str, float]:
+    """Morphology multipliers of one class in one cell type: strong for controls, strong-to-subtle for siRNAs.
+
+    A treatment's direction mixes its gene's complex (``pathway_weight``), its gene and the siRNA
+    itself; ``cell_type_effect`` of it is specific to the cell type.
+    """
     rng = np.random.default_rng([config.seed, 2, cls])
-    strength = 1.6 if cls >= config.n_classes else rng.uniform(0.15, 0.7)
-    z = rng.standard_normal(9) * strength
+    if cls >= config.n_classes:
+        strength, direction = 1.6, _unit(rng)
+    else:
+        spread = config.effect_spread
+        strength = config.effect_size * rng.uniform(1 - spread, 1 + spread)
+        layer = gene_layer(config)
+        gene = layer.gene_of[cls]
+        pathway = _unit(np.random.default_rng([config.seed, 6, layer.complex_of[gene]]))
+        own_gene = _unit(np.random.default_rng([config.seed, 7, gene]))
+        own = _unit(rng)
+        w = config.pathway_weight
+        direction = w * pathway + (1 - w) * (0.8 * own_gene + 0.45 * own)
+        direction /= np.linalg.norm(direction)
+    if cell_type is not None and config.cell_type_effect > 0:
+        specific = _unit(np.random.default_rng([config.seed, 8, cls, *cell_type.encode()]))
+        a = config.cell_type_effect
+        direction = (1 - a) * direction + a * specific
+        direction /= np.linalg.norm(direction)
+    z = direction * np.sqrt(EFFECT_DIMS) * strength
     return {
         "nucleus": float(np.exp(0.22 * z[0])),
         "cyto": float(np.exp(0.15 * z[1])),
@@ -170,6 +298,19 @@ def class_effects(config: SynthConfig, cls: int) -> dict[str, float]:
         "actin": float(np.exp(0.45 * z[7])),
         "density": float(np.exp(0.20 * z[8])),
     }
+
+
+def cell_type_traits(config: SynthConfig, cell_type: str) -> dict:
+    """A cell type's traits, their distance from the average cell scaled by ``config.morphology``."""
+    base = CELL_TYPE_TRAITS[cell_type]
+    mean = {k: np.mean([np.asarray(t[k], float) for t in CELL_TYPE_TRAITS.values()], axis=0) for k in base}
+    m = config.morphology
+    out = {}
+    for key, value in base.items():
+        value = np.asarray(value, float)
+        scaled = mean[key] * (value / mean[key]) ** m
+        out[key] = tuple(scaled) if value.ndim else float(scaled)
+    return out
 
 
 def experiment_effects(config: SynthConfig, experiment: str) -> dict:
@@ -190,10 +331,10 @@ def experiment_effects(config: SynthConfig, experiment: str) -> dict:
 def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng: np.random.Generator) -> np.ndarray:
     """One site as (6, S, S) uint8."""
     s = config.image_size
-    traits, fx = CELL_TYPE_TRAITS[cell_type], class_effects(config, cls)
+    traits, fx = cell_type_traits(config, cell_type), class_effects(config, cls, cell_type)
     canvas = np.zeros((6, s, s), np.float32)
     zoom = np.sqrt(s / REFERENCE_SIZE)
-    n_cells = rng.poisson(traits["cells"] * fx["density"] * batch["density"] * s / REFERENCE_SIZE) + 2
+    n_cells = rng.poisson(max(traits["cells"] * fx["density"] * batch["density"] * s / REFERENCE_SIZE, 0.5)) + 2
     r_nuc = traits["nucleus"] * REFERENCE_SIZE * zoom * fx["nucleus"]
     r_cyto = r_nuc * traits["cyto"] * fx["cyto"]
     bright = BASE_INTENSITY * np.array(traits["bright"])
@@ -267,11 +408,16 @@ def _render_well(args) -> int:
     config, out, row = args
     batch = experiment_effects(config, row["experiment"])
     cell_type = row["experiment"].split("-")[0]
-    folder = out / row["split"] / row["experiment"] / f"Plate{row['plate']}"
+    top = "images" if config.layout == "wilds" else row["split"]
+    folder = out / top / row["experiment"] / f"Plate{row['plate']}"
     folder.mkdir(parents=True, exist_ok=True)
     for site in (1, 2):
         rng = np.random.default_rng([config.seed, 4, *row["id_code"].encode(), site])
         image = render_site(config, cell_type, int(row["cls"]), batch, rng)
+        if config.layout == "wilds":  # the WILDS release ships Recursion's RGB composite of the 6 channels
+            composite = to_rgb(image.transpose(1, 2, 0))
+            cv2.imwrite(str(folder / f"{row['well']}_s{site}.png"), cv2.cvtColor(composite, cv2.COLOR_RGB2BGR))
+            continue
         for c in range(6):
             cv2.imwrite(str(folder / f"{row['well']}_s{site}_w{c + 1}.png"), image[c])
     return 2
@@ -297,7 +443,12 @@ def generate(
     tmp.mkdir(parents=True)
     try:
         wells, labels = design_plates(config)
-        _write_csvs(wells, labels, tmp)
+        if config.layout == "wilds":
+            _write_wilds_metadata(wells, tmp)
+            labels = [str(k) for k in range(len(labels))]
+        else:
+            _write_csvs(wells, labels, tmp)
+        _write_gene_tables(config, labels, tmp)
         (tmp / "synth_config.json").write_text(pd.Series(asdict(config)).to_json(indent=2))
         jobs = [(config, tmp, row) for row in wells.to_dict("records")]
         total, done = 2 * len(jobs), 0

@@ -1,4 +1,5 @@
-"""Side effects of training, kept out of the step maths: atomic checkpoints, curves, DDP check."""
+"""Side effects of training, kept out of the step maths: atomic checkpoints, logs that survive a resume,
+curves, the DDP check, and the prediction writer."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from rcic.atomic import atomic_path, atomic_write_text
 
@@ -22,6 +27,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
+
+
+class _ResumedWriter(ExperimentWriter):
+    """Keeps the rows of the run being resumed (Lightning's writer deletes them) and drops only the
+    rows from the first step the resumed run logs onwards, which it logs again identically."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._trimmed = False
+
+    def save(self) -> None:
+        if self.metrics and not self._trimmed and self._fs.isfile(self.metrics_file_path):
+            frame = pd.read_csv(self.metrics_file_path)
+            first = min(m["step"] for m in self.metrics)
+            kept = frame[frame["step"] < first] if "step" in frame else frame.iloc[:0]
+            self.metrics_keys = sorted(set(frame.columns))
+            atomic_write_text(self.metrics_file_path, kept.to_csv(index=False))
+        self._trimmed = True
+        super().save()
+
+
+class RunCSVLogger(CSVLogger):
+    """``logs/metrics.csv`` of a run; with ``resume`` it continues the file instead of replacing it."""
+
+    def __init__(self, run_dir: Path, resume: bool):
+        super().__init__(run_dir, name="logs", version="", flush_logs_every_n_steps=1)
+        self._resume = resume
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            if not self._resume:
+                path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+                path.unlink(missing_ok=True)
+            self._experiment = _ResumedWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class CurvesCallback(L.Callback):
@@ -90,3 +131,42 @@ class DdpAgreementCallback(L.Callback):
             report = {"world_size": trainer.world_size, "checksums": sums,
                       "agree": max(sums) - min(sums) <= 1e-6 * max(1.0, abs(sums[0])), "pid": os.getpid()}
             atomic_write_text(self.run_dir / "ddp_check.json", json.dumps(report, indent=2))
+
+
+class WellPredictionWriter(BasePredictionWriter):
+    """Collects ``predict_step`` outputs batch by batch; ``collect`` gathers them on rank 0, by index.
+
+    Under DDP each rank predicts its share of the wells; the gathered rows are de-duplicated by
+    well index, so any padding of a sampler never counts a well twice.
+    """
+
+    def __init__(self, progress=None):
+        super().__init__(write_interval="batch")
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.progress = progress
+        self.done = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        self.parts.append({k: v.detach().float().cpu().numpy() if k != "index" else v.cpu().numpy()
+                           for k, v in prediction.items()})
+        if self.progress is not None:
+            self.done += len(prediction["index"]) * trainer.world_size
+            total = len(trainer.predict_dataloaders.dataset)
+            self.progress(min(self.done, total), total)
+
+    def collect(self, trainer) -> dict[str, np.ndarray] | None:
+        """All ranks' predictions ordered by well index on rank 0; None on the other ranks."""
+        local = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]} if self.parts else {}
+        self.parts = []
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            everything = [None] * trainer.world_size if trainer.is_global_zero else None
+            dist.gather_object(local, everything, dst=0)
+            if not trainer.is_global_zero:
+                return None
+            everything = [part for part in everything if part]
+            local = {k: np.concatenate([p[k] for p in everything]) for k in everything[0]}
+        index, first = np.unique(local["index"], return_index=True)
+        return {k: v[first] for k, v in local.items()} | {"index": index}
