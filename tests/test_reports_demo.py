@@ -21,7 +21,17 @@ def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     proc = run_cli("demo", "--out", out, "--preset", "tiny", "--epochs", "2", "--workers", "2")
     assert "Accuracy" in proc.stdout and "report.html" in proc.stdout
+    # a newcomer's first run ends on the table and the paths: no progress line left, nothing on stderr
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("report") and proc.stderr.strip() == "", proc.stderr
     return out
+
+
+def test_demo_output_is_small(demo_dir):
+    """Once training ends, checkpoints keep the weights only (no optimiser state)."""
+    import torch
+
+    for ckpt in (demo_dir / "run" / "checkpoints").glob("*.ckpt"):
+        assert "optimizer_states" not in torch.load(ckpt, map_location="cpu", weights_only=False), ckpt.name
 
 
 @pytest.mark.slow

@@ -1,11 +1,17 @@
-"""Packing into the zarr store: identical pixels, resume, refusal to mix datasets, missing files."""
+"""Packing into the zarr store: identical pixels, shards, checksums, resume, locks, refusals, missing files."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
 
 from rcic.errors import DataError
 from rcic.store import PackedStore, open_source, pack
@@ -24,13 +30,19 @@ def test_store_reads_the_same_pixels_as_png(tiny_data, tiny_store):
     assert store.dataset.test_ids == png.dataset.test_ids
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_pack_cli_resize_and_compression(tiny_data, tmp_path, compression):
+@pytest.mark.parametrize("compression,shard", [("none", 1), ("zstd", 1), ("lz4", 7), ("none", 64)])
+def test_pack_resize_compression_and_shards(tiny_data, tmp_path, compression, shard):
     out = tmp_path / "s.zarr"
-    run_cli("pack", tiny_data, "--out", out, "--size", "16", "--compression", compression, "--workers", "2")
+    run_cli("pack", tiny_data, "--out", out, "--size", "16", "--compression", compression, "--shard", str(shard),
+            "--workers", "2")
     store = PackedStore(out)
-    assert store.size == 16 and store.compression == compression
-    assert store.read(0).shape == (6, 16, 16)
+    assert store.size == 16 and store.compression == compression and store.shard == shard
+    objects = {p.relative_to(out / "images" / "c").parts[0] for p in (out / "images" / "c").rglob("*") if p.is_file()}
+    assert len(objects) == -(-len(store.dataset.sites) // shard)  # one object per shard (or per site)
+    reference = PackedStore(pack(tiny_data, tmp_path / "ref.zarr", size=16, shard=1).path)
+    for i in (0, 6, 7, 100, len(store.dataset.sites) - 1):  # across shard boundaries and the partial last shard
+        np.testing.assert_array_equal(store.read(i), reference.read(i))
+        np.testing.assert_array_equal(store.read(i), store.images[i])  # the direct path equals zarr's own read
 
 
 def test_interrupted_pack_resumes_without_redoing_blocks(tiny_data, tmp_path, monkeypatch):
@@ -49,27 +61,58 @@ def test_interrupted_pack_resumes_without_redoing_blocks(tiny_data, tmp_path, mo
 
     monkeypatch.setattr(packed, "_pack_block", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated"):
-        pack(tiny_data, out)
+        pack(tiny_data, out, shard=16)
     with pytest.raises(DataError, match="incomplete"):
         PackedStore(out)
-    done_before = zarr.open_group(out, mode="r")["done"][:].sum()
-    assert done_before == 2
+    assert sorted(os.listdir(out / "ok" / "c")) == ["0", "1"]  # finished blocks are marked
     calls.clear()
-    result = pack(tiny_data, out)
-    assert result.resumed_blocks == 2 and calls[0] == 2 and len(calls) == zarr.open_group(out)["done"].shape[0] - 2
+    result = pack(tiny_data, out, shard=16)
+    assert result.resumed_blocks == 2 and calls[0] == 2 and len(calls) == 15 - 2
     png, store = open_source(tiny_data), open_source(out)
     for i in (0, 40, 100, 239):
         row = store.dataset.sites.iloc[i]
         np.testing.assert_array_equal(store.read_site(row), png.read_site(row))
 
 
-def test_refuses_to_mix_two_datasets(tiny_data, tiny_store, tmp_path):
+def test_refusals_leave_stores_and_folders_as_they_were(tiny_data, tiny_store, tmp_path):
     proc = run_cli("pack", tiny_data, "--out", tiny_store, "--size", "16", check=False)
     assert proc.returncode == 2 and "holds another dataset" in proc.stderr
+    proc = run_cli("pack", tiny_data, "--out", tiny_store, "--compression", "zstd", check=False)
+    assert proc.returncode == 2 and "--compression lz4" in proc.stderr
+    proc = run_cli("pack", tiny_data, "--out", tiny_store, "--shard", "8", check=False)
+    assert proc.returncode == 2 and "--shard" in proc.stderr
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     proc = run_cli("pack", tiny_data, "--out", tmp_path / "junk", check=False)
     assert proc.returncode == 2 and "not an rcic store" in proc.stderr
+    proc = run_cli("pack", tiny_data, "--out", tmp_path / "big.zarr", "--size", "64", check=False)
+    assert proc.returncode == 2 and "larger than the sites" in proc.stderr and not (tmp_path / "big.zarr").exists()
+    proc = run_cli("pack", tiny_data, "--out", tmp_path / "x.zarr", "--shard", "0", check=False)
+    assert proc.returncode == 2 and "--shard" in proc.stderr and not (tmp_path / "x.zarr").exists()
+
+
+def test_checksums_and_missing_chunks_are_errors_naming_the_site(tiny_data, tmp_path):
+    for shard in (1, 16):
+        out = pack(tiny_data, tmp_path / f"s{shard}.zarr", shard=shard).path
+        store = PackedStore(out)
+        row = store.dataset.sites.iloc[5]
+        chunk = out / "images" / "c" / str(5 // shard) / "0" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 3] ^= 0xFF  # one flipped byte inside site 5's chunk (or shard)
+        chunk.write_bytes(bytes(data))
+        damaged = PackedStore(out)
+        with pytest.raises(DataError) as err:
+            for i in range(16):
+                damaged.read(i)
+        assert "the store is damaged" in str(err.value) and str(out) in str(err.value)
+        if shard == 1:
+            assert f"{row['id_code']} site {row['site']}" in str(err.value)
+            (out / "images" / "c" / "9" / "0" / "0" / "0").unlink()
+            with pytest.raises(DataError, match="is missing from the store"):
+                PackedStore(out).read(9)
+    (tmp_path / "s1.zarr" / "zarr.json").write_bytes(b"\x00garbage")
+    proc = run_cli("info", tmp_path / "s1.zarr", check=False)
+    assert proc.returncode == 2 and "zarr.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_skip_missing_on_real_pngs(real_b02, tmp_path):
@@ -85,13 +128,70 @@ def test_skip_missing_on_real_pngs(real_b02, tmp_path):
 
 
 def test_parallel_pack_writes_every_sites_statistics(tmp_path):
-    """Workers write disjoint chunks: the per-site channel statistics of every site survive (52 blocks)."""
+    """Workers write disjoint objects: the per-site channel statistics of every site survive."""
     from rcic.synth import generate, preset
 
     data = generate(tmp_path / "d", preset("small", image_size=16), workers=2)
-    store = PackedStore(pack(data, tmp_path / "p.zarr", workers=2).path)
+    store = PackedStore(pack(data, tmp_path / "p.zarr", workers=2, shard=64).path)
     stats = store.channel_stats()
     images = np.stack([store.read(i) for i in store.dataset.sites["store_index"]]).astype(np.float64)
     flat = images.reshape(len(images), 6, -1)
     np.testing.assert_allclose(stats[..., 0], flat.mean(-1), rtol=1e-4)
     np.testing.assert_allclose(stats[..., 1], flat.std(-1), rtol=1e-3, atol=1e-3)
+
+
+def _pack_process(data, out, *args):
+    return subprocess.Popen([sys.executable, "-m", "rcic.cli", "pack", str(data), "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_one_pack_at_a_time_and_killed_packs_leave_no_workers(tmp_path):
+    """A second pack on the same store is refused; kill -9 of a pack takes its workers along; it resumes."""
+    from rcic.synth import generate, preset
+
+    data = generate(tmp_path / "d", preset("small", image_size=64), workers=2)
+    out = tmp_path / "s.zarr"
+    first = _pack_process(data, out, "--workers", "2", "--shard", "8", "--compression", "zstd")
+    while not (out / "ok" / "c").is_dir() or not os.listdir(out / "ok" / "c"):
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.05)
+    second = _pack_process(data, out, "--workers", "2", "--shard", "8", "--compression", "zstd")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and "another pack is writing this store" in err
+    assert len(err.strip().splitlines()) == 1
+    workers = _children(first.pid)
+    assert workers
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    deadline = time.time() + 10
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+    run_cli("pack", data, "--out", out, "--workers", "2", "--shard", "8", "--compression", "zstd")
+    png, store = open_source(data), open_source(out)
+    for i in range(0, len(store.dataset.sites), 97):
+        row = store.dataset.sites.iloc[i]
+        np.testing.assert_array_equal(store.read_site(row), png.read_site(row))
+
+
+def test_a_pack_killed_while_creating_its_store_starts_it_again(tiny_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                               "attributes": {"rcic_creating": True}}))
+    run_cli("pack", tiny_data, "--out", out, "--shard", "32")
+    assert PackedStore(out).read(3).shape == (6, 32, 32)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

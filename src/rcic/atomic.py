@@ -25,3 +25,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
+    """One line for an error of the environment: the path, what happened, and that nothing was lost."""
+    import errno
+
+    where = path or err.filename or ""
+    what = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = ("no space left on device; nothing was lost (outputs are written atomically): free some space "
+                "and run the same command again")
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        what = "permission denied"
+    return f"{where}: {what}" if where else what

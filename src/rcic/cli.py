@@ -1,6 +1,9 @@
 """The ``rcic`` command line: one subcommand per stage, each a few lines over the library.
 
-User errors (``RcicError``) are caught once, in ``main``: one line on stderr, exit code 2.
+User errors (``RcicError``), usage errors and errors of the environment (disk full, permissions)
+are caught once, in ``main``: one line on stderr, exit code 2; Ctrl-C exits 130. Outputs are
+checked before any work starts (not an input, not a folder where a file goes), and written
+atomically by the library.
 """
 
 from __future__ import annotations
@@ -40,15 +43,40 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @contextmanager
 def progress_bar(description: str):
-    """A rich progress bar; yields a ``progress(done, total)`` callback for library code."""
+    """A rich progress bar on a terminal (cleared when done, so an error stays one line); yields a
+    ``progress(done, total)`` callback for library code."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _same_path(a: Path | str, b: Path | str) -> bool:
+    if "://" in str(a) or "://" in str(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def check_output(out: Path | str, inputs: list[Path | str | None], folder: bool = False) -> None:
+    """Refuse an output that is one of the command's inputs, or a file where a folder goes (and back)."""
+    for given in inputs:
+        if given is not None and _same_path(out, given):
+            raise RcicError("is also an input of this command; writing it would destroy that input: choose "
+                            "another output path", out)
+    if "://" in str(out):
+        return
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise RcicError("exists and is not a folder; choose another output path", out)
+    if not folder and out.is_dir():
+        raise RcicError("is a folder; give a file name", out)
 
 
 def _table(title: str, frame, console_=console) -> None:
@@ -67,7 +95,8 @@ def _table(title: str, frame, console_=console) -> None:
 
 @app.command()
 def info(
-    data: Annotated[Path, typer.Argument(help="RxRx1 folder (Kaggle 2019, Kaggle 2023 or RxRx1 release) or store")],
+    data: Annotated[str, typer.Argument(help="RxRx1 folder (Kaggle 2019 / 2023, RxRx1 or WILDS release) or store "
+                                                  "(folder or URL)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Detect the layout of DATA and summarise it (wells, controls, experiments, plate groups)."""
@@ -95,23 +124,38 @@ def info(
 
 @app.command()
 def rgb(
-    data: Annotated[Path, typer.Argument(help="RxRx1 folder with PNG images")],
+    data: Annotated[str, typer.Argument(help="RxRx1 folder (any layout) or packed store (folder or URL)")],
     id_code: Annotated[str, typer.Option("--id", help="Well id_code, e.g. HEPG2-01_1_B03")],
     out: Annotated[Path, typer.Option(help="Output PNG file")],
-    site: Annotated[int, typer.Option(help="Site 1 or 2")] = 1,
-    split: Annotated[str, typer.Option(help="train or test")] = "train",
+    site: Annotated[int, typer.Option(help="Site 1 or 2", min=1, max=2)] = 1,
 ) -> None:
-    """Write the colour composite of one site (Recursion's reference channel colours)."""
+    """Write the colour composite of one site (Recursion's reference channel colours).
+
+    The well is looked up in the data's metadata and read from wherever its layout keeps it."""
     import cv2
 
     from rcic.atomic import atomic_path
-    from rcic.io import load_site, to_rgb
+    from rcic.io import to_rgb
+    from rcic.io.images import parse_id_code
+    from rcic.store import open_source
 
-    image = to_rgb(load_site(data, id_code, site, split).transpose(1, 2, 0))
+    check_output(out, [data])
+    if out.suffix.lower() != ".png":
+        raise RcicError("the composite is written as PNG: give a file name ending in .png", out)
+    parse_id_code(id_code)  # a plain EXPERIMENT_PLATE_WELL, nothing that could leave the data folder
+    source = open_source(data)
+    sites = source.dataset.sites
+    row = sites[(sites["id_code"] == id_code) & (sites["site"] == site)]
+    if row.empty:
+        known = (sites["id_code"] == id_code).any()
+        raise RcicError(f"site {site} of well {id_code} is not in this data (left out when it was packed?)" if known
+                        else f"well {id_code} is in none of this data's metadata files", data)
+    image = source.read_site(row.iloc[0])
+    composite = image.transpose(1, 2, 0) if image.shape[0] == 3 else to_rgb(image.transpose(1, 2, 0))
     with atomic_path(out) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            raise RcicError("cannot write the image (use a .png file name)", out)
-    console.print(f"wrote {out}")
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(composite, cv2.COLOR_RGB2BGR)):
+            raise RcicError("cannot write the image", out)
+    console.print(f"wrote {out} ({id_code} site {site}, {row.iloc[0]['split']})")
 
 
 @app.command()
@@ -140,6 +184,7 @@ def synth(
     workers: Annotated[int, typer.Option(help="Worker processes", min=1)] = 1,
 ) -> None:
     """Generate a synthetic RxRx1 dataset (Kaggle or WILDS layout) with answers.csv and gene tables."""
+    check_output(out, [], folder=True)
     from rcic.synth import generate
     from rcic.synth import preset as make_preset
 
@@ -157,22 +202,24 @@ def synth(
 @app.command()
 def pack(
     data: Annotated[Path, typer.Argument(help="RxRx1 folder with PNG images")],
-    out: Annotated[Path, typer.Option(help="Store folder to create (or resume)")],
+    out: Annotated[str, typer.Option(help="Store to create or resume: a folder, or a URL (s3://bucket/x.zarr)")],
     size: Annotated[int | None, typer.Option(help="Resize sites to SIZE x SIZE (default: keep)")] = None,
     compression: Annotated[str, typer.Option(help="none, lz4 or zstd")] = "lz4",
-    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    shard: Annotated[int, typer.Option(help="Sites per stored object (zarr shard); 1: one object per site")] = 256,
+    workers: Annotated[int, typer.Option(help="Worker processes", min=1)] = 1,
     skip_missing: Annotated[bool, typer.Option(help="Leave out sites with missing/corrupt files (report)")] = False,
 ) -> None:
-    """Pack every site into a zarr store that reads many times faster than PNG (resumable)."""
+    """Pack every site into a checksummed zarr store that reads many times faster than PNG (resumable)."""
+    check_output(out, [data], folder=True)
     from rcic.store import pack as pack_store
 
     with progress_bar("pack sites") as update:
         result = pack_store(data, out, size=size, compression=compression, workers=workers,
-                            skip_missing=skip_missing, progress=update)
+                            skip_missing=skip_missing, progress=update, shard=shard)
     console.print(f"packed {result.packed}/{result.sites} sites into {result.path}"
                   + (f" (resumed after {result.resumed_blocks} blocks)" if result.resumed_blocks else ""))
     if result.missing:
-        console.print(f"[yellow]{result.missing} sites left out: see {result.path / 'missing.csv'}[/]")
+        console.print(f"[yellow]{result.missing} sites left out: see {result.path}/missing.csv[/]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,19 +228,44 @@ def pack(
 
 
 def _quiet_lightning() -> None:
+    """Lightning's banners (devices, tips) and warnings stay out of the user's output."""
     import logging
     import warnings
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    import lightning  # noqa: F401  (its loggers exist once it is imported)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _epoch_lines():
+    """Where stderr is not a terminal (logs, CI), one line per epoch on stdout instead of a live bar."""
+    import os
+
+    import lightning as L
+
+    if os.isatty(2):
+        return []
+
+    class EpochLines(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if not trainer.is_global_zero:
+                return
+            keys = ("train/loss_epoch", "val/loss", "val/acc", "val/acc_leak")
+            values = ", ".join(f"{k} {float(trainer.callback_metrics[k]):.4f}" for k in keys
+                               if k in trainer.callback_metrics)
+            console.print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {values}", highlight=False)
+
+    return [EpochLines()]
+
+
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")],
     recipe: Annotated[str, typer.Option(help="Recipe YAML file, or a shipped name: cpu-demo, winning, ...")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs, curves)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value")] = None,
@@ -209,6 +281,7 @@ def train(
     if devices is not None:
         overrides.append(f"trainer.devices={devices}")
     recipe_ = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is reported at once
+    check_output(out, [data, pseudo, recipe], folder=True)
     _quiet_lightning()
     from rcic.store import open_source
     from rcic.training import fit
@@ -223,7 +296,7 @@ def train(
         extra = leak_pseudo_labels(source.dataset, load_logits(pseudo), pseudo_fraction)
         if not is_child_rank():
             console.print(f"pseudo-labels: {len(extra)} test wells (mean confidence {extra.confidence.mean():.3f})")
-    result = fit(source, recipe_, out, resume=resume, extra_train=extra)
+    result = fit(source, recipe_, out, resume=resume, extra_train=extra, extra_callbacks=_epoch_lines())
     if is_child_rank():
         return
     if result.already_complete:
@@ -237,7 +310,7 @@ def train(
 @app.command()
 def predict(
     runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
-    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")],
     out: Annotated[Path, typer.Option(help="Output logits file (.npz)")],
     split: Annotated[str, typer.Option(help="test, val (the runs' held-out experiments), train or all")] = "test",
     tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
@@ -255,9 +328,10 @@ def predict(
     from rcic.store import open_source
     from rcic.training.fit import is_child_rank
 
-    _quiet_lightning()
     if out.suffix != ".npz":
         raise RcicError("logits files end in .npz", out)
+    check_output(out, [data, *runs, None if checkpoint in ("best", "last") else checkpoint])
+    _quiet_lightning()
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update,
@@ -280,7 +354,7 @@ def _pct(value) -> str:
 @app.command()
 def evaluate(
     runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
-    data: Annotated[Path, typer.Option(help="RxRx1 folder (PNG) or packed store")],
+    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")],
     split: Annotated[str, typer.Option(help="val (the runs' held-out experiments) or test (labelled test "
                                             "wells: the WILDS release)")] = "val",
     tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
@@ -302,6 +376,9 @@ def evaluate(
     _quiet_lightning()
     source = open_source(data)
     wilds = source.dataset.layout == "wilds"
+    if split == "test" and (source.dataset.wells.query("split == 'test'")["label"] == "").any():
+        raise RcicError("the test wells of this data have no label (a Kaggle download): evaluate --split val, "
+                        "or score a test submission with rcic score --answers", data)
     with progress_bar(f"evaluate {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, False, update,
                              devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds)
@@ -327,7 +404,7 @@ def evaluate(
 
 @app.command()
 def submit(
-    data: Annotated[Path, typer.Option(help="RxRx1 folder or packed store (labels, plates, test wells)")],
+    data: Annotated[str, typer.Option(help="RxRx1 folder or packed store (labels, plates, test wells)")],
     logits: Annotated[list[Path], typer.Option(help="Logits .npz (repeat to average an ensemble)")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write")],
     no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
@@ -338,6 +415,7 @@ def submit(
     from rcic.store import open_source
     from rcic.submit import make_submission, write_submission
 
+    check_output(out, [data, *logits])
     dataset = open_source(data).dataset
     result = make_submission(dataset, average_logits(logits), leak=not no_leak)
     write_submission(out, result)
@@ -351,29 +429,28 @@ def submit(
 def score(
     submission: Annotated[Path, typer.Option(help="Submission CSV (id_code,sirna)")],
     answers: Annotated[Path, typer.Option(help="Answers CSV (id_code,sirna): synth answers.csv or train.csv")],
-    data: Annotated[Path | None, typer.Option(help="Dataset: checks that the submission's wells are its wells")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset: the submission's wells and labels must be its own")
+                    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """Accuracy overall, per cell type and per experiment."""
+    """Accuracy overall, per cell type and per experiment (whole experiments only)."""
     import pandas as pd
 
     from rcic.submit import read_submission_csv
     from rcic.submit import score as score_submission
 
     frame = read_submission_csv(submission)
+    dataset = None
     if data is not None:
         from rcic.store import open_source
 
-        known = set(open_source(data).dataset.wells["id_code"])
-        unknown = [i for i in frame["id_code"] if i not in known]
-        if unknown:
-            raise RcicError(f"{len(unknown)} submitted wells are not wells of {data} (first {unknown[0]!r})",
-                            submission)
-    result = score_submission(frame, read_submission_csv(answers, "answers"))
+        dataset = open_source(data).dataset
+    result = score_submission(frame, read_submission_csv(answers, "answers"), dataset, submission_path=submission)
     if as_json:
         print(json.dumps(result))
         return
-    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] over {result['wells']} wells")
+    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] over {result['wells']} wells of "
+                  f"{len(result['experiments'])} experiment(s): {', '.join(result['experiments'])}")
     _table("By cell type", pd.DataFrame(list(result["by_cell_type"].items()), columns=["cell_type", "accuracy"]))
     _table("By experiment", pd.DataFrame(list(result["by_experiment"].items()), columns=["experiment", "accuracy"]))
 
@@ -385,15 +462,19 @@ def score(
 
 @app.command()
 def eda(
-    data: Annotated[Path, typer.Argument(help="RxRx1 folder (with or without images) or packed store")],
-    out: Annotated[Path, typer.Option(help="Report folder (index.html and its images)")],
+    data: Annotated[str, typer.Argument(help="RxRx1 folder (with or without images) or packed store")],
+    out: Annotated[Path, typer.Option(help="Report folder (index.html and its images): new, empty, or an "
+                                           "earlier rcic report")],
 ) -> None:
     """An HTML report of a dataset: tables, plate map and groups, intensities by experiment, montages."""
-    from rcic.reports.eda import write_eda
+    from rcic.reports.eda import check_report_folder, write_eda
     from rcic.store import open_source
 
+    check_output(out, [data], folder=True)
+    check_report_folder(out)
+    source = open_source(data)
     with progress_bar("eda") as update:
-        index = write_eda(open_source(data), out, progress=update)
+        index = write_eda(source, out, progress=update)
     console.print(f"wrote {index}")
 
 
@@ -403,7 +484,7 @@ def demo(
     preset: Annotated[str, typer.Option(help="Synthetic preset: small (CPU demo) or tiny (seconds)")] = "small",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     epochs: Annotated[int | None, typer.Option(help="Override the cpu-demo recipe's epochs")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    workers: Annotated[int, typer.Option(help="Worker processes", min=1)] = 2,
 ) -> None:
     """End to end on synthetic data: synth, info, pack, eda, train, predict, submit, score, report."""
     import pandas as pd
@@ -411,10 +492,11 @@ def demo(
 
     from rcic.demo import STAGES, run_demo
 
+    check_output(out, [], folder=True)
     _quiet_lightning()
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn()]
-    with Progress(*columns, console=err_console) as bar:
+    with Progress(*columns, console=err_console, transient=True) as bar:
         overall = bar.add_task("demo", total=len(STAGES))
         current = bar.add_task("", total=None)
 
@@ -437,28 +519,40 @@ def demo(
     console.print(f"report: [bold]{result.report}[/]")
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except RcicError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume")
-        sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
+def _fail(message: str, code: int = 2) -> None:
+    """The one way rcic reports a failure: one line on stderr, then the exit code."""
+    text = " ".join(str(message).split())
+    err_console.print(f"error: {text}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr (exit 2), Ctrl-C exit 130; bugs keep a traceback."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    from rcic.atomic import describe_os_error
+
+    try:
+        code = app(standalone_mode=False)
+    except RcicError as err:
+        _fail(str(err), err.exit_code)
+    except NoArgsIsHelpError as err:
+        _fail(f"no command given; `{err.ctx.command_path if err.ctx else 'rcic'} --help` lists them")
+    except UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "rcic"
+        _fail(f"{where}: {err.format_message()} (see `{where} --help`)", 2)
+    except ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except typer.Abort:
+        _fail("interrupted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted: nothing half-written was left; run the same command again to resume", 130)
+    except OSError as err:  # the environment (disk full, permissions, a path that vanished): not a bug
+        _fail(describe_os_error(err), 2)
+    else:
+        if code == 130:
+            _fail("interrupted: nothing half-written was left; run the same command again to resume", 130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

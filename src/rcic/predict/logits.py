@@ -37,18 +37,29 @@ def save_logits(path: str | Path, logits: Logits) -> None:
 
 
 def load_logits(path: str | Path) -> Logits:
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
-        raise DataError("logits file not found", path)
+        raise DataError("logits file not found" if not path.exists() else "is not a file", path)
+    if path.stat().st_size == 0:
+        raise DataError("empty file (0 bytes): not a logits file", path)
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a single array, not an .npz archive")
             data = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
-        raise DataError(f"not a readable .npz logits file ({err})", path) from err
+    except PermissionError:
+        raise DataError("cannot read the file (permission denied)", path) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise DataError(f"not a readable .npz logits file (truncated or another format: {type(err).__name__})",
+                        path) from None
     missing = [k for k in ("id_code", "logits", "classes") if k not in data]
     if missing:
         raise DataError(f"missing array(s) {', '.join(missing)}", path)
     ids, logits, classes = data.pop("id_code").astype(str), data.pop("logits"), data.pop("classes").astype(str)
+    if logits.dtype.kind not in "fiu":
+        raise DataError(f"logits are not numbers (dtype {logits.dtype})", path)
     if logits.ndim != 2 or logits.shape != (len(ids), len(classes)):
         raise DataError(f"logits shape {logits.shape} does not match {len(ids)} ids x {len(classes)} classes", path)
     if not np.isfinite(logits).all():

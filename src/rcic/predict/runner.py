@@ -110,7 +110,12 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
     trainer = L.Trainer(accelerator=accelerator, precision=resolve_precision(precision), logger=False,
                         callbacks=[writer], enable_progress_bar=False, enable_model_summary=False,
                         **distribution(devices))
-    trainer.predict(task, dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(task, dataloaders=loader, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     out = writer.collect(trainer)
     if out is None:
         return None

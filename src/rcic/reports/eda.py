@@ -112,8 +112,10 @@ def intensity_section(source: ImageSource, out: Path, progress: Callable[[int, i
         frame = sites[["experiment", "cell_type"]].copy()
         means = stats[..., 0]
     else:  # PNG: a sample of sites per experiment
-        picked = sites.groupby("experiment", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), SITES_PER_EXPERIMENT), random_state=0))
+        rng = np.random.default_rng(0)
+        chosen = [index[rng.permutation(len(index))[:SITES_PER_EXPERIMENT]]
+                  for index in sites.groupby("experiment").indices.values()]
+        picked = sites.iloc[np.sort(np.concatenate(chosen))]
         means = np.zeros((len(picked), 6))
         for i, row in enumerate(picked.to_dict("records")):
             try:
@@ -188,10 +190,23 @@ def montage_section(source: ImageSource, out: Path) -> str:
     return section("Montages", *parts)
 
 
+REPORT_MARK = "rcic-report.json"  # marks a folder as rcic's own report: only such a folder is overwritten
+
+
+def check_report_folder(out: Path) -> None:
+    """A report goes into a new or empty folder, or replaces an earlier rcic report; nothing else."""
+    if out.exists() and not out.is_dir():
+        raise DataError("exists and is not a folder; choose another --out", out)
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_MARK).is_file():
+        raise DataError("is not empty and holds no earlier rcic report; choose a new or empty folder", out)
+
+
 def write_eda(source: ImageSource, out: str | Path, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``out/index.html`` with its images; returns the page's path."""
     out = Path(out)
+    check_report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARK).write_text('{"report": "eda"}\n')
     ds = source.dataset
     sections = [tables_section(ds), plate_map_section(ds, out)]
     missing = images_available(source)

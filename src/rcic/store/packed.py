@@ -1,17 +1,23 @@
-"""The packed store: every site as uint8 (6, S, S) in one zarr array, plus the site table.
+"""The packed store: every site as uint8 (C, S, S) in one zarr v3 array, plus the site table.
 
-Reading a site from the store is one chunk read (optionally LZ4/Zstd-compressed) instead of
-six PNG decodes. Layout of a store folder:
+Layout of a store (a local folder, or an object-store URL such as ``s3://bucket/rxrx1.zarr``):
 
-- ``images`` (N, 6, S, S) uint8, one chunk per site; ``stats`` (N, 6, 2) float32 per-channel
-  mean and std (for per-experiment / per-plate normalisation without touching pixels again);
-  ``ok`` (N,) bool (False: left out by ``--skip-missing``); ``done`` one flag per block (resume).
-- ``sites.csv``: the site table in store order; ``submission_order.csv``; ``missing.csv``.
-- attrs: ``rcic_store`` version, ``fingerprint`` of the source dataset, ``complete``.
+- ``images`` (N, C, S, S) uint8, one chunk per site, every chunk checksummed (zarr's crc32c
+  codec after the optional LZ4/Zstd blosc codec). With ``shard`` > 1 (the default, 256) the
+  chunks are grouped into zarr shards: one object per ``shard`` sites, so a full RxRx1 is ~500
+  objects instead of 125,510, and a site is one byte-range read of its shard.
+- ``stats`` (N, C, 2) float32 per-channel mean and std of each site (per-experiment/per-plate
+  normalisation without touching pixels again); ``ok`` (N,) bool, False for a site left out by
+  ``--skip-missing``.
+- ``sites.csv`` (the site table in store order), ``submission_order.csv``, ``missing.csv``.
+- attrs: ``rcic_store`` (format version), ``fingerprint`` of the source dataset and size,
+  ``layout``, ``size``, ``channels``, ``compression``, ``shard``, ``complete``.
 
-A pack runs in blocks; a block's flag is set only after all its sites are written, so an
-interrupted pack resumes at the first unfinished block. A store never holds two datasets:
-packing a different dataset (or size) into an existing store is refused.
+A pack runs in blocks (one shard each, or 32 sites unsharded); each block is written by one
+worker (no two workers touch one object), and its ``ok`` chunk is written last, so an ``ok``
+chunk on disk marks a finished block: an interrupted pack resumes at the blocks without one.
+A local pack holds an exclusive lock; a store never holds two datasets (another dataset, size,
+compression or shard size is refused), and a store is created whole or not at all.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,46 +33,64 @@ import numcodecs
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from rcic.atomic import atomic_write_text
 from rcic.errors import DataError
 from rcic.io.images import load_site
 from rcic.io.metadata import Dataset, read_dataset
+from rcic.parallel import imap_processes
+from rcic.store.location import Location, is_url, remote_errors
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 COMPRESSIONS = ("none", "lz4", "zstd")
-BLOCK = 32  # sites per pack task; one `done` flag each
+BLOCK = 32  # sites per pack task of an unsharded store
+DEFAULT_SHARD = 256
+MAX_SHARD_BYTES = 4 << 30
+_EMPTY = np.uint64(2**64 - 1)  # a shard index entry of a chunk that is not there
 
 
-def _compressors(name: str):
+def _compressors(name: str) -> list:
     match name:
         case "none":
-            return None
+            codecs = []
         # Measured on real 512 px sites (BENCHMARKS.md): bit-shuffling costs ~10x in decode speed for
         # ~3% smaller files, so no shuffle. "lz4" uses the LZ4HC encoder (slower packing, same fast
         # LZ4 decoding, ~1.2x smaller than LZ4's default encoder on these noisy images).
         case "lz4":
-            return [BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle", blocksize=0)]
+            codecs = [BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle", blocksize=0)]
         case "zstd":
-            return [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", blocksize=0)]
-    raise DataError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+            codecs = [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", blocksize=0)]
+        case _:
+            raise DataError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+    return [*codecs, Crc32cCodec()]  # a flipped byte is detected, never decoded silently
+
+
+def _attrs(location: Location) -> dict | None:
+    """The group attributes of a store's root, or None where there is no zarr group."""
+    try:
+        meta = json.loads(location.read("zarr.json"))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError("zarr.json is not valid JSON: a damaged store", location.root) from None
+    except DataError as err:
+        if "not found" in str(err):
+            return None
+        raise
+    return meta.get("attributes", {}) if isinstance(meta, dict) else None
 
 
 def is_store(path: str | Path) -> bool:
-    path = Path(path)
-    meta = path / "zarr.json"
-    if not meta.is_file():
+    """Whether ``path`` (folder or URL) holds an rcic store (finished or being packed)."""
+    if not is_url(path) and not (Path(path) / "zarr.json").is_file():
         return False
-    try:
-        return "rcic_store" in json.loads(meta.read_text()).get("attributes", {})
-    except (json.JSONDecodeError, OSError):
-        return False
+    attrs = _attrs(Location(path))
+    return attrs is not None and "rcic_store" in attrs
 
 
 def _fingerprint(dataset: Dataset, size: int) -> str:
     table = dataset.sites.to_csv(index=False).encode()
-    return hashlib.sha256(table + f"|{size}".encode()).hexdigest()[:16]
+    return hashlib.sha256(table + f"|{size}|{dataset.channels}".encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,21 +100,22 @@ def _fingerprint(dataset: Dataset, size: int) -> str:
 
 @dataclass(frozen=True)
 class PackResult:
-    path: Path
+    path: str | Path
     sites: int
     packed: int
     missing: int
     resumed_blocks: int
 
 
-def _pack_block(args) -> tuple[int, list[tuple[int, str]]]:
-    """Worker: read, resize and write one block of sites; returns (block, failures)."""
-    root, store_path, block, rows, size, skip_missing, layout = args
-    group = zarr.open_group(store_path, mode="r+")
-    images, stats = group["images"], group["stats"]
-    start = rows[0]["index"]
+def _pack_block(args) -> tuple[int, int]:
+    """Worker: read, resize and write one block of sites (images, stats, failures, then ok)."""
+    root, store_url, block, start, rows, size, skip_missing, layout = args
+    location = Location(store_url)
+    group = zarr.open_group(location.zarr_store(), mode="r+")
+    images, stats, ok = group["images"], group["stats"], group["ok"]
     channels = images.shape[1]
     data = np.zeros((len(rows), channels, size, size), np.uint8)
+    good = np.ones(len(rows), bool)
     failed = []
     for k, row in enumerate(rows):
         try:
@@ -99,7 +123,9 @@ def _pack_block(args) -> tuple[int, list[tuple[int, str]]]:
         except DataError as err:
             if not skip_missing:
                 raise
-            failed.append((row["index"], str(err)))
+            good[k] = False
+            failed.append({"index": start + k, "id_code": row["id_code"], "site": row["site"],
+                           "split": row["split"], "reason": str(err)})
             continue
         if image.shape[1:] != (size, size):
             if image.shape[1] < size or image.shape[2] < size:
@@ -107,10 +133,23 @@ def _pack_block(args) -> tuple[int, list[tuple[int, str]]]:
                                 f"{root}/{row['split']}/{row['id_code']}_s{row['site']}")
             image = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in image])
         data[k] = image
-    images[start:start + len(rows)] = data
-    flat = data.reshape(len(rows), channels, -1).astype(np.float32)
-    stats[start:start + len(rows)] = np.stack([flat.mean(-1), flat.std(-1)], axis=-1)
-    return block, failed
+    with remote_errors(store_url):
+        images[start:start + len(rows)] = data
+        flat = data.reshape(len(rows), channels, -1).astype(np.float32)
+        stats[start:start + len(rows)] = np.stack([flat.mean(-1), flat.std(-1)], axis=-1)
+        if failed:
+            location.write(f"missing/{block}.json", json.dumps(failed).encode())
+        ok[start:start + len(rows)] = good  # last: its chunk on disk marks the block as done
+    return block, len(rows)
+
+
+def check_shard(shard: int, channels: int, size: int) -> int:
+    if shard < 1:
+        raise DataError(f"--shard must be at least 1 (1: one object per site), got {shard}")
+    if shard * channels * size * size > MAX_SHARD_BYTES:
+        raise DataError(f"--shard {shard} makes {shard * channels * size * size / 2**30:.1f} GiB shards at {size} px; "
+                        f"use at most {MAX_SHARD_BYTES // (channels * size * size)} sites per shard")
+    return shard
 
 
 def pack(
@@ -121,66 +160,131 @@ def pack(
     workers: int = 1,
     skip_missing: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    shard: int = DEFAULT_SHARD,
 ) -> PackResult:
-    """Pack every site of the PNG dataset ``data`` into a zarr store at ``out`` (resumable)."""
+    """Pack every site of the PNG dataset ``data`` into a store at ``out`` (folder or URL; resumable)."""
     dataset = read_dataset(data)
     sites = dataset.sites
-    if size is None:
-        size = _probe_size(data, sites, skip_missing, dataset.layout)
+    if compression not in COMPRESSIONS:
+        raise DataError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    stored = _probe_size(data, sites, skip_missing, dataset.layout)
+    size = stored if size is None else size
     if not 8 <= size <= 4096:
         raise DataError(f"--size must be in 8-4096, got {size}")
-    out = Path(out)
-    fingerprint = _fingerprint(dataset, size)
-    n_blocks = (len(sites) + BLOCK - 1) // BLOCK
-    if out.exists() and any(out.iterdir()):
-        if not is_store(out):
-            raise DataError("exists and is not an rcic store; choose another --out", out)
-        group = zarr.open_group(out, mode="r+")
-        if group.attrs.get("fingerprint") != fingerprint:
-            raise DataError(
-                f"holds another dataset or size (store of {group.attrs.get('source')} at "
-                f"{group.attrs.get('size')} px); choose another --out or delete it", out)
-    else:
-        group = _create_store(out, dataset, size, compression, fingerprint, n_blocks)
-    done, ok = group["done"][:], group["ok"][:]
-    resumed = int(done.sum())
-    records = sites.assign(index=np.arange(len(sites)))[["index", "id_code", "site", "split"]]
-    records = records.to_dict("records")
-    todo = [b for b in range(n_blocks) if not done[b]]
-    jobs = [(str(data), str(out), b, records[b * BLOCK:(b + 1) * BLOCK], size, skip_missing, dataset.layout)
-            for b in todo]
-    finished = resumed * BLOCK
-    missing_rows: list[tuple[int, str]] = _read_missing(out)
-    if progress:
-        progress(min(finished, len(sites)), len(sites))
-
-    def collect(result):
-        nonlocal finished
-        block, failed = result
-        for index, why in failed:
-            ok[index] = False
-            missing_rows.append((index, why))
-        group["ok"][:] = ok
-        _write_missing(out, sites, missing_rows)
-        done[block] = True
-        group["done"][:] = done  # flag the block only after its sites (and failures) are saved
-        finished += len(records[block * BLOCK:(block + 1) * BLOCK])
+    if size > stored:
+        raise DataError(f"--size {size} is larger than the sites ({stored} px); rcic packs at most at full size")
+    shard = check_shard(shard, dataset.channels, size)
+    location = Location(out)
+    with _lock(location):
+        group = _open_or_create(location, dataset, size, compression, shard)
+        block = shard if shard > 1 else BLOCK
+        n_blocks = (len(sites) + block - 1) // block
+        done = {int(name) for name in location.list("ok/c") if name.isdigit()}
+        records = sites[["id_code", "site", "split"]].to_dict("records")
+        todo = [b for b in range(n_blocks) if b not in done]
+        jobs = [(str(data), str(location.root), b, b * block, records[b * block:(b + 1) * block], size,
+                 skip_missing, dataset.layout) for b in todo]
+        finished = len(sites) - sum(len(j[4]) for j in jobs)
         if progress:
             progress(finished, len(sites))
+        for _, count in imap_processes(_pack_block, jobs, workers):
+            finished += count
+            if progress:
+                progress(finished, len(sites))
+        missing = _write_missing(location, sites)
+        with remote_errors(str(location.root)):
+            group.attrs["complete"] = True
+    return PackResult(location.root, len(sites), len(sites) - missing, missing, len(done))
 
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for result in pool.map(_pack_block, jobs):
-                collect(result)
-    else:
-        for job in jobs:
-            collect(_pack_block(job))
-    group.attrs["complete"] = True
-    return PackResult(out, len(sites), int(ok.sum()), int((~ok).sum()), resumed)
+
+def _open_or_create(location: Location, dataset: Dataset, size: int, compression: str, shard: int):
+    """The store's group: a new one, created whole, or the one to resume (same dataset and settings)."""
+    fingerprint = _fingerprint(dataset, size)
+    attrs = _attrs(location)
+    if attrs is not None and "rcic_store" not in attrs and not attrs.get("rcic_creating"):
+        raise DataError("exists and is not an rcic store; choose another --out", location.root)
+    if attrs is None and not location.remote and location.root.exists() and any(
+            p.name != ".rcic-pack.lock" for p in location.root.iterdir()):
+        raise DataError("exists and is not an rcic store; choose another --out", location.root)
+    if attrs is None or (attrs.get("rcic_creating") and "rcic_store" not in attrs):
+        return _create_store(location, dataset, size, compression, shard, fingerprint)
+    if attrs.get("fingerprint") != fingerprint:
+        raise DataError(f"holds another dataset or size (store of {attrs.get('source')} at {attrs.get('size')} px); "
+                        "choose another --out or delete it", location.root)
+    for key, value in (("compression", compression), ("shard", shard)):
+        if attrs.get(key, 1 if key == "shard" else None) != value:
+            raise DataError(f"was packed with --{key} {attrs.get(key)}; resuming with --{key} {value} would mix "
+                            f"two {key}s: use --{key} {attrs.get(key)} or another --out", location.root)
+    with remote_errors(str(location.root)):
+        return zarr.open_group(location.zarr_store(), mode="r+")
+
+
+def _create_store(location: Location, dataset: Dataset, size: int, compression: str, shard: int, fingerprint: str):
+    """Arrays, tables and attributes; ``rcic_store`` is set last, so a killed creation is simply redone."""
+    n, c = len(dataset.sites), dataset.channels
+    block = shard if shard > 1 else BLOCK
+    with remote_errors(str(location.root)):
+        group = zarr.open_group(location.zarr_store(), mode="w")
+        group.attrs["rcic_creating"] = True
+        config = {"write_empty_chunks": True}  # every site is stored: a missing chunk is damage, not zeros
+        group.create_array("images", shape=(n, c, size, size), chunks=(1, c, size, size),
+                           shards=(shard, c, size, size) if shard > 1 else None, dtype="uint8",
+                           compressors=_compressors(compression), fill_value=0, config=config)
+        group.create_array("stats", shape=(n, c, 2), chunks=(block, c, 2), dtype="float32", fill_value=0.0,
+                           compressors=[Crc32cCodec()], config=config)
+        group.create_array("ok", shape=(n,), chunks=(block,), dtype="bool", fill_value=True, config=config)
+        location.write("sites.csv", dataset.sites.to_csv(index=False).encode())
+        if dataset.submission_order is not None:
+            location.write("submission_order.csv",
+                           ("id_code\n" + "\n".join(dataset.submission_order) + "\n").encode())
+        group.attrs.update({
+            "rcic_store": STORE_VERSION, "fingerprint": fingerprint, "layout": dataset.layout,
+            "source": str(Path(dataset.root).resolve()), "size": size, "channels": c, "compression": compression,
+            "shard": shard, "complete": False, "rcic_creating": False,
+        })
+    return group
+
+
+def _write_missing(location: Location, sites: pd.DataFrame) -> int:
+    """``missing.csv`` from the blocks' failure records, written once at the end (linear in the blocks)."""
+    rows = []
+    for name in sorted(location.list("missing")):
+        if name.endswith(".json"):
+            rows += json.loads(location.read(f"missing/{name}"))
+    if not rows:
+        return 0
+    report = pd.DataFrame(rows, columns=["id_code", "site", "split", "index", "reason"]).sort_values("index")
+    location.write("missing.csv", report.to_csv(index=False).encode())
+    return len(report)
+
+
+class _lock:
+    """An exclusive lock on a local store while a pack writes it (object stores have no locks)."""
+
+    def __init__(self, location: Location):
+        self.location, self.handle = location, None
+
+    def __enter__(self):
+        if self.location.remote:
+            return self
+        import fcntl
+
+        self.location.root.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.location.root / ".rcic-pack.lock", "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise DataError("another pack is writing this store; wait for it to finish", self.location.root) from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _probe_size(data, sites: pd.DataFrame, skip_missing: bool, layout: str) -> int:
-    """The stored site size: that of the first readable site (``--size`` defaults to it)."""
+    """The sites' size on disk: that of the first readable site."""
     for row in sites.head(1000 if skip_missing else 1).to_dict("records"):
         try:
             return load_site(data, row["id_code"], int(row["site"]), row["split"], channels=(1,),
@@ -191,44 +295,6 @@ def _probe_size(data, sites: pd.DataFrame, skip_missing: bool, layout: str) -> i
     raise DataError("no readable site images among the first 1000 sites", data)
 
 
-def _create_store(out: Path, dataset: Dataset, size: int, compression: str, fingerprint: str, n_blocks: int):
-    compressors = _compressors(compression)
-    out.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(out, mode="w")
-    n, c = len(dataset.sites), dataset.channels
-    group.create_array("images", shape=(n, c, size, size), chunks=(1, c, size, size), dtype="uint8",
-                       compressors=compressors, fill_value=0)
-    # one stats chunk per pack block: each worker writes only its own chunks (no shared chunk races)
-    group.create_array("stats", shape=(n, c, 2), chunks=(BLOCK, c, 2), dtype="float32", fill_value=0.0)
-    group.create_array("ok", shape=(n,), chunks=(max(n, 1),), dtype="bool", fill_value=True)
-    group.create_array("done", shape=(n_blocks,), chunks=(max(n_blocks, 1),), dtype="bool", fill_value=False)
-    atomic_write_text(out / "sites.csv", dataset.sites.to_csv(index=False))
-    if dataset.submission_order is not None:
-        atomic_write_text(out / "submission_order.csv", "id_code\n" + "\n".join(dataset.submission_order) + "\n")
-    group.attrs.update({
-        "rcic_store": STORE_VERSION, "fingerprint": fingerprint, "layout": dataset.layout,
-        "source": str(Path(dataset.root).resolve()), "size": size, "compression": compression,
-        "complete": False,
-    })
-    return group
-
-
-def _read_missing(out: Path) -> list[tuple[int, str]]:
-    path = out / "missing.csv"
-    if not path.is_file():
-        return []
-    frame = pd.read_csv(path, dtype={"reason": str})
-    return list(zip(frame["index"].astype(int), frame["reason"]))
-
-
-def _write_missing(out: Path, sites: pd.DataFrame, rows: list[tuple[int, str]]) -> None:
-    if not rows:
-        return
-    index = [i for i, _ in rows]
-    report = sites.iloc[index][["id_code", "site", "split"]].assign(index=index, reason=[r for _, r in rows])
-    atomic_write_text(out / "missing.csv", report.to_csv(index=False))
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
@@ -237,89 +303,167 @@ def _write_missing(out: Path, sites: pd.DataFrame, rows: list[tuple[int, str]]) 
 class PackedStore:
     """A finished store: ``dataset`` (site table of the packed sites) and ``read(index)``.
 
-    Arrays open lazily, so an instance can be sent to DataLoader worker processes.
+    A site is read straight from its chunk (unsharded) or from a byte range of its shard (the
+    shard's index read once and cached), its checksum verified and decoded in one call; this
+    path is checked against zarr's own read on first use. A missing or damaged chunk is an error
+    that names the site and the store. Clients open lazily, per process (DataLoader workers).
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not is_store(self.path):
+        self.location = Location(path)
+        self.path = self.location.root
+        attrs = _attrs(self.location)
+        if attrs is None or "rcic_store" not in attrs:
             raise DataError("not an rcic packed store (run `rcic pack` first)", self.path)
-        group = zarr.open_group(self.path, mode="r")
-        attrs = dict(group.attrs)
         if not attrs.get("complete"):
             raise DataError("store is incomplete (an interrupted pack): run the same `rcic pack` again "
                             "to resume", self.path)
         self.size = int(attrs["size"])
         self.layout = attrs["layout"]
         self.compression = attrs.get("compression", "none")
-        sites = pd.read_csv(self.path / "sites.csv", dtype=str, keep_default_na=False)
+        self.shard = int(attrs.get("shard", 1))
+        with remote_errors(str(self.path)):
+            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+            ok = group["ok"][:]
+            sites = pd.read_csv(_bytes_io(self.location.read("sites.csv")), dtype=str, keep_default_na=False)
         sites["plate"], sites["site"] = sites["plate"].astype(int), sites["site"].astype(int)
         sites["store_index"] = np.arange(len(sites))
-        sites = sites[group["ok"][:]].reset_index(drop=True)
+        sites = sites[ok].reset_index(drop=True)
         order = None
-        if (self.path / "submission_order.csv").is_file():
-            order = pd.read_csv(self.path / "submission_order.csv", dtype=str)["id_code"].tolist()
+        if self.location.exists("submission_order.csv"):
+            order = pd.read_csv(_bytes_io(self.location.read("submission_order.csv")), dtype=str)["id_code"].tolist()
         self.dataset = Dataset(root=self.path, layout=self.layout, sites=sites, submission_order=order)
         self._images = None
-        self._direct = None
+        self._reader = None
+        self._index_cache: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_images"] = None
-        state["_direct"] = None
+        state.update(_images=None, _reader=None, _index_cache={})
         return state
 
     @property
     def images(self):
         if self._images is None:
             numcodecs.blosc.set_nthreads(1)  # one decoding thread per reader (DataLoader workers read in parallel)
-            self._images = zarr.open_array(self.path / "images", mode="r")
+            with remote_errors(str(self.path)):
+                group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+                self._images = group["images"]
         return self._images
 
+    def _site_name(self, index: int) -> str:
+        rows = self.dataset.sites
+        hit = rows[rows["store_index"] == index]
+        return f"site #{index}" if hit.empty else f"{hit.iloc[0]['id_code']} site {hit.iloc[0]['site']}"
+
     def read(self, store_index: int) -> np.ndarray:
-        """One site as (6, S, S) uint8."""
-        if self._direct is None:
-            self._direct = self._direct_reader() or False
-        if self._direct:
-            return self._direct(int(store_index))
-        return self.images[int(store_index)]
+        """One site as (C, S, S) uint8; a missing or damaged chunk is a ``DataError`` naming it."""
+        if self._reader is None:
+            self._reader = self._direct_reader() or self._zarr_read
+        try:
+            return self._reader(int(store_index))
+        except FileNotFoundError:
+            raise DataError(f"{self._site_name(store_index)} is missing from the store (its chunk is gone): the "
+                            "store is damaged; pack it again", self.path) from None
+        except (ValueError, RuntimeError) as err:
+            raise DataError(f"{self._site_name(store_index)} cannot be decoded ({str(err).splitlines()[0][:120]}): "
+                            "the store is damaged; pack it again", self.path) from None
+
+    def _zarr_read(self, index: int) -> np.ndarray:
+        return self.images[index]
 
     def _direct_reader(self):
-        """Read a site's chunk file and decode it in one call, skipping zarr's per-read machinery.
+        """Read a site's chunk bytes and decode them in one call, skipping zarr's per-read machinery.
 
         zarr's generic read path costs ~0.4 ms per site, as much as decoding an LZ4 chunk; for the
-        one layout rcic writes (one chunk per site, bytes + optional blosc) the chunk file *is* the
-        site. The store stays a plain zarr array; this path is checked against zarr on first use
-        and not used where they disagree (another layout or zarr version).
+        layouts rcic writes (one chunk per site, optionally in shards; bytes + blosc + crc32c) a
+        site is one chunk. Used only where it agrees with zarr on the first site.
         """
-        meta = json.loads((self.path / "images" / "zarr.json").read_text())
-        codecs = [c["name"] for c in meta.get("codecs", [])]
-        key = meta.get("chunk_key_encoding", {})
-        chunk = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-        if (codecs not in (["bytes"], ["bytes", "blosc"]) or key.get("name") != "default"
-                or key.get("configuration", {}).get("separator") != "/"
-                or chunk[:1] + chunk[2:] != [1, self.size, self.size]):
+        meta = json.loads(self.location.read("images/zarr.json"))
+        codecs = meta.get("codecs", [])
+        shape = meta["shape"]
+        channels = shape[1]
+        sharded = bool(codecs) and codecs[0]["name"] == "sharding_indexed"
+        if sharded:
+            config = codecs[0]["configuration"]
+            inner = [c["name"] for c in config["codecs"]]
+            shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+            if config.get("index_location", "end") != "end" or config["chunk_shape"][0] != 1:
+                return None
+            index_crc = [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
+        else:
+            inner = [c["name"] for c in codecs]
+            shard, index_crc = 1, False
+            if meta["chunk_grid"]["configuration"]["chunk_shape"][0] != 1:
+                return None
+        if inner not in (["bytes"], ["bytes", "blosc"], ["bytes", "crc32c"], ["bytes", "blosc", "crc32c"]):
             return None
-        channels = meta["shape"][1]
-        folder, shape = self.path / "images" / "c", (channels, self.size, self.size)
-        blosc = codecs[-1] == "blosc"
+        if meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/":
+            return None
+        blosc, crc = "blosc" in inner, "crc32c" in inner
+        site_shape = (channels, self.size, self.size)
+        location = self.location
+
+        def index_of(shard_no: int) -> np.ndarray:
+            cached = self._index_cache.get(shard_no)
+            if cached is None:
+                n = shard  # the index covers the whole shard grid, also for the last, partial shard
+                size = n * 16 + (4 if index_crc else 0)
+                raw = location.read(f"images/c/{shard_no}/0/0/0", start=-size)
+                body = raw[:-4] if index_crc else raw
+                if index_crc and _crc32c(body) != raw[-4:]:
+                    raise ValueError("checksum mismatch in the shard index")
+                cached = np.frombuffer(body, "<u8").reshape(n, 2)
+                self._index_cache[shard_no] = cached
+            return cached
 
         def read(index: int) -> np.ndarray:
-            try:
-                raw = (folder / str(index) / "0" / "0" / "0").read_bytes()
-            except FileNotFoundError:  # an all-zero site (fill value) is not stored
-                return np.zeros(shape, np.uint8)
-            return np.frombuffer(numcodecs.blosc.decompress(raw) if blosc else raw, np.uint8).reshape(shape)
+            if sharded:
+                offset, nbytes = index_of(index // shard)[index % shard]
+                if offset == _EMPTY:
+                    raise FileNotFoundError(index)
+                raw = location.read(f"images/c/{index // shard}/0/0/0", start=int(offset), end=int(offset + nbytes))
+            else:
+                raw = location.read(f"images/c/{index}/0/0/0")
+            if crc:
+                raw, stored = raw[:-4], raw[-4:]
+                if _crc32c(raw) != stored:
+                    raise ValueError("checksum mismatch: the chunk's bytes changed since it was written")
+            if blosc:
+                raw = numcodecs.blosc.decompress(raw)
+            return np.frombuffer(raw, np.uint8).reshape(site_shape)
 
         numcodecs.blosc.set_nthreads(1)
-        probe = int(self.dataset.sites["store_index"].iloc[0]) if len(self.dataset.sites) else 0
-        return read if np.array_equal(read(probe), self.images[probe]) else None
+        probe = int(self.dataset.sites["store_index"].iloc[0]) if len(self.dataset.sites) else None
+        if probe is None:
+            return read
+        try:
+            agrees = np.array_equal(read(probe), self.images[probe])
+        except (FileNotFoundError, ValueError, RuntimeError):
+            return read  # the probed site is damaged: the direct path reports it, site by site
+        return read if agrees else None
 
     def channel_stats(self) -> np.ndarray:
-        """(n_sites, 6, 2) per-channel mean and std of each packed site, in site-table order."""
-        stats = zarr.open_array(self.path / "stats", mode="r")[:]
+        """(n_sites, C, 2) per-channel mean and std of each packed site, in site-table order."""
+        with remote_errors(str(self.path)):
+            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
+            stats = group["stats"][:]
         return stats[self.dataset.sites["store_index"].to_numpy()]
 
     def nbytes_stored(self) -> int:
-        folder = self.path / "images"
+        if self.location.remote:
+            return int(sum(self.location.fs.du(self.location.key("images"), total=False).values()))
+        folder = Path(self.path) / "images"
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _crc32c(data: bytes) -> bytes:
+    import google_crc32c
+
+    return np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def _bytes_io(data: bytes):
+    import io
+
+    return io.BytesIO(data)

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from rcic.errors import DataError
 from rcic.io.images import load_site
 from rcic.io.metadata import Dataset, read_dataset
 from rcic.store.packed import PackedStore, is_store
@@ -69,5 +70,13 @@ class StoreSource:
 
 
 def open_source(path: str | Path) -> PngSource | StoreSource:
-    """A packed store if ``path`` is one, else a PNG download in any of the three layouts."""
-    return StoreSource(path) if is_store(path) else PngSource(path)
+    """A packed store (folder or object-store URL) if ``path`` is one, else a PNG download in any layout."""
+    from rcic.store.location import is_url, normalize
+
+    path = normalize(path)
+    if is_store(path):
+        return StoreSource(path)
+    if is_url(path):
+        raise DataError("not an rcic packed store (only packed stores are read from object storage; pack the "
+                        "PNG download with rcic pack --out URL)", path)
+    return PngSource(path)

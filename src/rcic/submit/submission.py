@@ -54,6 +54,10 @@ def make_submission(dataset: Dataset, logits: Logits, leak: bool = True) -> Subm
     unknown = [c for c in logits.classes if c not in set(vocab.labels)]
     if unknown:
         raise DataError(f"logits classes are not labels of this data (first {unknown[0]!r})", dataset.root)
+    lacking = [c for c in vocab.treatment_labels if c not in set(logits.classes)]
+    if lacking:  # the assignment would have fewer siRNAs than wells on a plate and repeat some
+        raise DataError(f"the logits lack {len(lacking)} of this data's {vocab.n_treatments} treatment classes "
+                        f"(first {lacking[0]!r}): they come from a model of other data", dataset.root)
     wells, _ = _wells_for(dataset, logits)
     row_of = {k: i for i, k in enumerate(logits.id_code)}
     raw = logits.logits[[row_of[i] for i in wells["id_code"]]]
@@ -126,35 +130,72 @@ def leak_pseudo_labels(dataset: Dataset, logits: Logits, fraction: float) -> pd.
 
 
 def read_submission_csv(path: str | Path, what: str = "submission") -> pd.DataFrame:
+    from rcic.io.metadata import read_csv_strict
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file not found", path)
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("id_code", "sirna") if c not in frame.columns]
-    if missing:
-        raise DataError(f"missing column(s) {', '.join(missing)}", path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"empty {what} file (0 bytes)", path)
+    frame = read_csv_strict(path, ["id_code", "sirna"])
+    if frame.empty:
+        raise DataError(f"the {what} file has a header but no rows", path)
     if frame["id_code"].duplicated().any():
         raise DataError(f"duplicate id_code {frame['id_code'][frame['id_code'].duplicated()].iloc[0]!r}", path)
     return frame
 
 
-def score(submission: pd.DataFrame, answers: pd.DataFrame, dataset: Dataset | None = None) -> dict:
-    """Accuracy overall, by cell type and by experiment, over the submission's wells.
+def _spelling(labels: pd.Series) -> str:
+    return "integers" if labels.str.fullmatch(r"0|[1-9]\d*").all() else (
+        "sirna_<k>" if labels.str.fullmatch(r"sirna_\d+|UNTREATED").all() else "other")
 
-    ``answers`` may hold more wells than the submission (e.g. train.csv for validation wells);
-    every submitted well must have an answer.
+
+def score(submission: pd.DataFrame, answers: pd.DataFrame, dataset: Dataset | None = None,
+          submission_path: str | Path | None = None) -> dict:
+    """Accuracy overall, by cell type and by experiment, over whole experiments.
+
+    ``answers`` may hold more experiments than the submission (e.g. train.csv for a validation
+    submission), but every experiment the submission touches must be submitted whole: a partial
+    one would report accuracy over a subset. Labels must be spelt as the answers' (and, with
+    ``dataset``, be treatment labels of that data): a foreign spelling is an error, not a miss.
     """
+    where = submission_path
     merged = submission.merge(answers[["id_code", "sirna"]], on="id_code", how="left", suffixes=("", "_true"))
     missing = merged["sirna_true"].isna()
     if missing.any():
         first = merged["id_code"][missing].iloc[0]
-        raise DataError(f"{int(missing.sum())} submitted wells have no answer (first {first!r})")
-    correct = merged["sirna"].astype(str) == merged["sirna_true"].astype(str)
+        raise DataError(f"{int(missing.sum())} submitted wells have no answer (first {first!r})", where)
+    if dataset is not None:
+        known = set(dataset.wells["id_code"])
+        unknown = [i for i in submission["id_code"] if i not in known]
+        if unknown:
+            raise DataError(f"{len(unknown)} submitted wells are not wells of {dataset.root} (first {unknown[0]!r})",
+                            where)
+        treatments = set(dataset.vocab.treatment_labels)
+        bad = ~submission["sirna"].isin(treatments)
+        if bad.any():
+            raise DataError(f"label {submission['sirna'][bad].iloc[0]!r} is not a treatment label of "
+                            f"{dataset.root}", where)
+    spelling = _spelling(answers["sirna"])
+    if spelling != "other" and _spelling(merged["sirna"]) != spelling:
+        bad = merged["sirna"][~merged["sirna"].str.fullmatch(
+            r"0|[1-9]\d*" if spelling == "integers" else r"sirna_\d+|UNTREATED")].iloc[0]
+        raise DataError(f"label {bad!r} is not spelt as the answers' labels ({spelling})", where)
     experiment = merged["id_code"].str.rsplit("_", n=2).str[0]
+    answer_experiment = answers["id_code"].str.rsplit("_", n=2).str[0]
+    scored = sorted(experiment.unique())
+    expected = answers[answer_experiment.isin(scored)]
+    absent = sorted(set(expected["id_code"]) - set(merged["id_code"]))
+    if absent:
+        exp = absent[0].rsplit("_", 2)[0]
+        total = int((answer_experiment == exp).sum())
+        have = int((experiment == exp).sum())
+        raise DataError(f"covers {have} of the {total} wells of experiment {exp}: accuracy is scored over whole "
+                        "experiments (submit every well of each, as a validation or test submission does)", where)
+    correct = merged["sirna"] == merged["sirna_true"]
     cell_type = experiment.str.split("-").str[0]
     return {
         "accuracy": float(correct.mean()),
         "wells": int(len(merged)),
+        "experiments": scored,
         "by_cell_type": {k: float(v) for k, v in correct.groupby(cell_type).mean().items()},
         "by_experiment": {k: float(v) for k, v in correct.groupby(experiment).mean().items()},
     }

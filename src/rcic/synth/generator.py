@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +39,7 @@ import pandas as pd
 
 from rcic.errors import DataError
 from rcic.io.images import to_rgb
+from rcic.parallel import imap_processes
 
 ROWS = "BCDEFGHIJKLMNO"
 COLS = range(2, 24)
@@ -404,8 +404,16 @@ def _apply_batch(canvas: np.ndarray, batch: dict, rng: np.random.Generator) -> n
 # ----------------------------------------------------------------------------------------------
 
 
-def _render_well(args) -> int:
-    config, out, row = args
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _render_wells(args) -> int:
+    config, out, rows = args
+    return sum(_render_well(config, out, row) for row in rows)
+
+
+def _render_well(config: SynthConfig, out: Path, row: dict) -> int:
     batch = experiment_effects(config, row["experiment"])
     cell_type = row["experiment"].split("-")[0]
     top = "images" if config.layout == "wilds" else row["split"]
@@ -450,19 +458,12 @@ def generate(
             _write_csvs(wells, labels, tmp)
         _write_gene_tables(config, labels, tmp)
         (tmp / "synth_config.json").write_text(pd.Series(asdict(config)).to_json(indent=2))
-        jobs = [(config, tmp, row) for row in wells.to_dict("records")]
-        total, done = 2 * len(jobs), 0
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for n in pool.map(_render_well, jobs, chunksize=8):
-                    done += n
-                    if progress:
-                        progress(done, total)
-        else:
-            for job in jobs:
-                done += _render_well(job)
-                if progress:
-                    progress(done, total)
+        jobs = [(config, tmp, rows) for rows in _chunks(wells.to_dict("records"), 8)]
+        total, done = 2 * len(wells), 0
+        for n in imap_processes(_render_wells, jobs, workers):
+            done += n
+            if progress:
+                progress(done, total)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -3,8 +3,10 @@ curves, the DDP check, and the prediction writer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -19,14 +21,25 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from rcic.atomic import atomic_path, atomic_write_text
 
 
+FULL_DISK_BYTES = 256 << 20  # a failed checkpoint write with less free than this is a full disk
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint beside its target and rename it: a crash never leaves a broken file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a full disk as a RuntimeError: name it for what it is
+            if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if isinstance(err, OSError) or shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
 
 
 class _ResumedWriter(ExperimentWriter):

@@ -20,7 +20,7 @@ import lightning as L
 import pandas as pd
 import timm
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rcic.atomic import atomic_path, atomic_write_text
@@ -192,7 +192,8 @@ def fit(
     if every:
         checkpoints.append(ModelCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
                                            every_n_train_steps=every, enable_version_counter=False))
-    bars = [] if not progress else [RichProgressBar(leave=True) if os.isatty(2) else TQDMProgressBar(refresh_rate=20)]
+    progress = progress and os.isatty(2)  # a live bar on a terminal only; logs get the callers' epoch lines
+    bars = [RichProgressBar(leave=False)] if progress else []
     dist = distribution(t.devices if devices is None else devices, t.num_nodes,
                         find_unused=recipe.optim.freeze_backbone_epochs > 0)
     cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not has_gpu())
@@ -223,7 +224,12 @@ def fit(
     log.info("training %s on %s: %s, %d train / %d val sites, %s", recipe.name, source.dataset.root,
              f"fold {recipe.data.fold}" if recipe.data.split == "folds" else "WILDS split",
              len(dm.train_rows()), len(dm.val_rows()), "resuming" if last else "new run")
-    trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last else None)
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last else None)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1): keep it an interruption (exit 130)
+            raise KeyboardInterrupt from None
+        raise
     best_path = Path(best.best_model_path) if best.best_model_path else None
     score = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
