@@ -456,6 +456,95 @@ def score(
 
 
 # ----------------------------------------------------------------------------------------------
+# Embeddings and phenomic maps
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def embed(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run folders")],
+    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL)")],
+    out: Annotated[Path, typer.Option(help="Embeddings table to write (.parquet)")],
+    split: Annotated[str, typer.Option(help="all, train or test wells (treatments and controls alike)")] = "all",
+    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
+    combine: Annotated[str, typer.Option(help="Runs' features averaged (mean) or side by side (concat)")] = "mean",
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
+    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
+    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
+) -> None:
+    """One row per well: metadata and the network's pooled features (sites, TTA and runs averaged)."""
+    if split not in ("all", "train", "test"):
+        raise RcicError(f"--split must be all, train or test, got {split!r}")
+    if combine not in ("mean", "concat"):
+        raise RcicError(f"--combine must be mean or concat, got {combine!r}")
+    if out.suffix != ".parquet":
+        raise RcicError("embeddings are written as parquet: give a file name ending in .parquet", out)
+    check_output(out, [data, *runs])
+    _quiet_lightning()
+    from rcic.predict import predict as run_predict
+    from rcic.profiles import embedding_frame, write_embeddings
+    from rcic.store import open_source
+    from rcic.training.fit import is_child_rank
+
+    source = open_source(data)
+    with progress_bar(f"embed {split}") as update:
+        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, True, update,
+                             devices=_devices(devices), controls=True, combine=combine)
+    if logits is None or is_child_rank():
+        return
+    frame = embedding_frame(logits.wells, logits.extra["embeddings"])
+    write_embeddings(out, frame)
+    console.print(f"wrote {out}: {len(frame)} wells x {logits.extra['embeddings'].shape[1]} features "
+                  f"({', '.join(f'{k} {v}' for k, v in frame['well_type'].value_counts().items())})")
+
+
+@app.command("map")
+def map_(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings parquet (rcic embed, or your own features)")],
+    out: Annotated[Path, typer.Option(help="Report folder (map.html, plots, scores.json)")],
+    correct: Annotated[list[str] | None, typer.Option(help="Batch correction (repeat): none, center, standardize, "
+                                                           "tvn, spherize, harmony")] = None,
+    genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene)")] = None,
+    relationships: Annotated[Path | None, typer.Option(help="Known gene pairs (CSV: gene_a,gene_b)")] = None,
+    null_size: Annotated[int, typer.Option(help="Permutations for the mAP p-values", min=100)] = 10000,
+    probe: Annotated[bool, typer.Option(help="Fit the linear probe")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Batch-correct embeddings and benchmark them: replicate mAP, batch leakage, known relationships, probe."""
+    import pandas as pd
+
+    from rcic.atomic import atomic_write_text
+    from rcic.profiles import phenomic_map, read_embeddings, read_gene_tables
+    from rcic.reports.eda import check_report_folder
+    from rcic.reports.map_report import write_map_report
+
+    methods = list(dict.fromkeys(correct or ["none", "tvn"]))
+    if (genes is None) != (relationships is None):
+        raise RcicError("--genes and --relationships go together (a siRNA->gene table and known gene pairs)")
+    check_output(out, [embeddings, genes, relationships], folder=True)
+    check_report_folder(out)
+    meta, x = read_embeddings(embeddings)
+    gene_table = pairs = None
+    if genes is not None:
+        gene_table, pairs = read_gene_tables(genes, relationships, meta)
+    with progress_bar("map") as update:
+        result = phenomic_map(meta, x, methods, gene_table, pairs, null_size=null_size, probe=probe,
+                              source=embeddings, progress=update)
+    write_map_report(out, meta, result.scores, result.corrected, str(embeddings))
+    atomic_write_text(out / "scores.json", json.dumps(result.scores, indent=2))
+    if as_json:
+        print(json.dumps({m: {k: s[k] for k in ("replicate_map", "replicate_fraction", "batch_leakage",
+                                                "known_recall", "known_recall_ci", "probe_acc")}
+                          for m, s in result.scores.items()}))
+        return
+    from rcic.reports.map_report import scores_table
+
+    _table("Phenomic map", scores_table(result.scores).fillna(pd.NA).astype(object).where(lambda f: f.notna(), "-"))
+    console.print(f"report: [bold]{out / 'map.html'}[/]")
+
+
+# ----------------------------------------------------------------------------------------------
 # Reports and the demo
 # ----------------------------------------------------------------------------------------------
 

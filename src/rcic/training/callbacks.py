@@ -20,7 +20,6 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from rcic.atomic import atomic_path, atomic_write_text
 
-
 FULL_DISK_BYTES = 256 << 20  # a failed checkpoint write with less free than this is a full disk
 
 

@@ -1,0 +1,90 @@
+"""Profiles: well embeddings, batch correction with the controls, and phenomic-map benchmarks.
+
+``rcic embed`` writes the embeddings (``rcic.profiles.embeddings``); ``rcic map`` corrects them
+(``rcic.profiles.correct``) and scores each correction (``rcic.profiles.metrics``) with
+``phenomic_map``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rcic.errors import DataError
+from rcic.profiles.correct import METHODS, correct
+from rcic.profiles.embeddings import META_COLUMNS, embedding_frame, read_embeddings, write_embeddings
+from rcic.profiles.metrics import batch_leakage, known_recall, probe_accuracy, replicate_map
+
+__all__ = ["META_COLUMNS", "METHODS", "MapResult", "correct", "embedding_frame", "phenomic_map", "read_embeddings",
+           "read_gene_tables", "write_embeddings"]
+
+
+@dataclass
+class MapResult:
+    scores: dict[str, dict]  # method -> the --json object's entries
+    corrected: dict[str, np.ndarray] = field(default_factory=dict)  # method -> corrected embeddings
+    per_sirna: dict[str, pd.DataFrame] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def read_gene_tables(genes: str | Path, relationships: str | Path, meta: pd.DataFrame
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``genes``: label,gene (which gene each siRNA targets); ``relationships``: gene_a,gene_b."""
+    from rcic.io.metadata import read_csv_strict
+
+    gene_table = read_csv_strict(Path(genes), ["label", "gene"])
+    pairs = read_csv_strict(Path(relationships), ["gene_a", "gene_b"])
+    labels = set(meta["label"][meta["label"] != ""])
+    if not gene_table["label"].isin(labels).any():
+        raise DataError(f"no label of the gene table is a label of the embeddings (e.g. {gene_table['label'].iloc[0]!r}"
+                        f" vs {next(iter(labels), '')!r}): another dataset or label spelling?", genes)
+    known = set(gene_table["gene"])
+    if not (pairs["gene_a"].isin(known) & pairs["gene_b"].isin(known)).any():
+        raise DataError("no relationship joins two genes of the gene table", relationships)
+    return gene_table, pairs
+
+
+def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: pd.DataFrame | None = None,
+                 relationships: pd.DataFrame | None = None, null_size: int = 10000, probe: bool = True,
+                 source=None, progress: Callable[[int, int], None] | None = None) -> MapResult:
+    """Correct the embeddings with each method and score them (see ``rcic.profiles.metrics``)."""
+    for method in methods:
+        if method not in METHODS:
+            raise DataError(f"unknown correction {method!r}; choose from {', '.join(METHODS)}")
+    result = MapResult(scores={})
+    steps, done = len(methods) * 5, 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps)
+
+    for method in dict.fromkeys(methods):
+        start = time.perf_counter()
+        z = correct(meta, x, method, source)
+        tick()
+        mean_ap, fraction, per_sirna = replicate_map(meta, z, null_size=null_size)
+        tick()
+        leakage, expected = batch_leakage(meta, z)
+        tick()
+        recall, interval, pairs = (None, None, 0)
+        if genes is not None and relationships is not None:
+            recall, interval, pairs = known_recall(meta, z, genes, relationships)
+        tick()
+        probe_acc = probe_accuracy(meta, z) if probe else None
+        tick()
+        result.scores[method] = {
+            "replicate_map": mean_ap, "replicate_fraction": fraction, "batch_leakage": leakage,
+            "batch_leakage_expected": expected, "known_recall": recall,
+            "known_recall_ci": list(interval) if interval else None, "known_pairs": pairs, "probe_acc": probe_acc,
+        }
+        result.corrected[method] = z
+        result.per_sirna[method] = per_sirna
+        result.seconds[method] = time.perf_counter() - start
+    return result
