@@ -150,7 +150,7 @@ def test_one_pack_at_a_time_and_killed_packs_leave_no_workers(tmp_path):
     """A second pack on the same store is refused; kill -9 of a pack takes its workers along; it resumes."""
     from rcic.synth import generate, preset
 
-    data = generate(tmp_path / "d", preset("small", image_size=64), workers=2)
+    data = generate(tmp_path / "d", preset("small", image_size=128), workers=2)
     out = tmp_path / "s.zarr"
     first = _pack_process(data, out, "--workers", "2", "--shard", "8", "--compression", "zstd")
     while not (out / "ok" / "c").is_dir() or not os.listdir(out / "ok" / "c"):

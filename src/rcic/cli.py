@@ -604,6 +604,11 @@ def demo(
     console.print(f"data: {s['train_wells']} train / {s['test_wells']} test treatment wells, "
                   f"{s['treatment_classes']} siRNAs, {s['train_experiments']} + {s['test_experiments']} experiments")
     _table(f"Accuracy (chance {result.accuracy.attrs['chance']:.3f})", pd.DataFrame(result.accuracy))
+    maps = result.map_scores
+    console.print("phenomic map (none -> tvn): " + "; ".join(
+        f"{name} {_pct(maps['none'][key])} -> {_pct(maps['tvn'][key])}"
+        for key, name in (("replicate_map", "replicate mAP"), ("batch_leakage", "batch leakage"),
+                          ("known_recall", "known recall"))))
     console.print(f"submission: {result.out / 'submission.csv'}")
     console.print(f"report: [bold]{result.report}[/]")
 

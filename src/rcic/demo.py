@@ -1,7 +1,8 @@
 """The end-to-end demo on built-in synthetic data, stage by stage, each resumable.
 
 synth -> info -> pack -> eda -> train (cpu-demo, held-out experiments) -> predict (val, test; TTA)
--> submit (with and without the plate leak) -> score -> report.html
+-> submit (with and without the plate leak) -> score -> embed + map (batch correction, phenomic
+benchmarks) -> report.html
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 
+from rcic.atomic import atomic_write_text
 from rcic.config import load_recipe
 from rcic.predict import Logits, load_logits, predict, save_logits
+from rcic.profiles import embedding_frame, phenomic_map, read_embeddings, read_gene_tables, write_embeddings
 from rcic.reports.eda import write_eda
+from rcic.reports.map_report import write_map_report
 from rcic.reports.run_report import write_run_report
 from rcic.store import open_source, pack
 from rcic.submit import make_submission, read_submission_csv, score, write_submission
 from rcic.synth import generate, preset
 from rcic.training import fit
 
-STAGES = ("synth", "info", "pack", "eda", "train", "predict", "submit", "score", "report")
+STAGES = ("synth", "info", "pack", "eda", "train", "predict", "submit", "score", "map", "report")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class DemoResult:
     accuracy: pd.DataFrame
     report: Path
     rotations: pd.DataFrame
+    map_scores: dict
 
 
 class _TrainProgress(L.Callback):
@@ -121,6 +126,9 @@ def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int
     accuracy.attrs["chance"] = chance
     (out / "accuracy.json").write_text(json.dumps({"chance": chance, "rows": rows}, indent=2))
 
+    stage("map")
+    map_scores = _phenomic_map(out, run_dir, source, data, progress)
+
     stage("report")
     val = logits["val_tta8"]
     # the arg-max (with TTA) confusion shows what the model mixes up; after the leak it is near-diagonal
@@ -129,5 +137,23 @@ def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int
                  list(dataset.vocab.treatment_labels))
     report = write_run_report(out, eda_dir=out / "eda", run_dir=run_dir, accuracy=accuracy,
                               scores={k: v for k, v in scores.items() if k.startswith("val")},
-                              rotations=rotations, confusion=confusion, title="rcic demo report")
-    return DemoResult(out, summary, accuracy, report, rotations)
+                              rotations=rotations, confusion=confusion, title="rcic demo report",
+                              map_scores=map_scores, map_report=out / "map" / "map.html")
+    return DemoResult(out, summary, accuracy, report, rotations, map_scores)
+
+
+def _phenomic_map(out: Path, run_dir: Path, source, data: Path, progress) -> dict:
+    """Embed every well with the trained model, then correct and benchmark the embeddings (none vs TVN)."""
+    scores_path = out / "map" / "scores.json"
+    if scores_path.is_file():
+        return json.loads(scores_path.read_text())
+    embeddings = out / "embeddings.parquet"
+    if not embeddings.is_file():
+        logits = predict([run_dir], source, split="all", tta=2, embeddings=True, controls=True, progress=progress)
+        write_embeddings(embeddings, embedding_frame(logits.wells, logits.extra["embeddings"]))
+    meta, x = read_embeddings(embeddings)
+    genes, pairs = read_gene_tables(data / "genes.csv", data / "relationships.csv", meta)
+    result = phenomic_map(meta, x, ["none", "tvn"], genes, pairs, null_size=2000, progress=progress)
+    write_map_report(out / "map", meta, result.scores, result.corrected, str(embeddings))
+    atomic_write_text(scores_path, json.dumps(result.scores, indent=2))
+    return result.scores

@@ -26,7 +26,10 @@ rcic submit --data rxrx1.zarr --logits val.npz --out val_submission.csv
 rcic score  --submission val_submission.csv --answers KAGGLE_DIR/train.csv
 rcic submit --data rxrx1.zarr --logits test.npz --out submission.csv
 # pseudo-labels: retrain with the most confident test wells
-rcic train --data rxrx1.zarr --recipe winning --out runs/fold0-pl --pseudo test.npz --pseudo-fraction 0.5"""
+rcic train --data rxrx1.zarr --recipe winning --out runs/fold0-pl --pseudo test.npz --pseudo-fraction 0.5
+# embeddings and a batch-corrected phenomic map (bring a siRNA->gene table and known gene pairs)
+rcic embed runs/fold0 --data rxrx1.zarr --out embeddings.parquet
+rcic map embeddings.parquet --out map/ --correct none --correct tvn --genes genes.csv --relationships pairs.csv"""
 
 
 def per_experiment_plot(scores: dict[str, dict], path: Path) -> None:
@@ -54,7 +57,8 @@ def confusion_plot(labels: np.ndarray, preds: np.ndarray, classes: list[str], pa
 
 def write_run_report(out: Path, *, eda_dir: Path | None, run_dir: Path, accuracy: pd.DataFrame,
                      scores: dict[str, dict], rotations: pd.DataFrame, confusion: tuple | None,
-                     title: str = "rcic run report", commands: str = REPRODUCE) -> Path:
+                     title: str = "rcic run report", commands: str = REPRODUCE, map_scores: dict | None = None,
+                     map_report: Path | None = None) -> Path:
     """Write ``out/report.html``; images are copied or drawn into ``out/report_files``."""
     files = out / "report_files"
     files.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,17 @@ def write_run_report(out: Path, *, eda_dir: Path | None, run_dir: Path, accuracy
                                                              "(arg-max with TTA, before the plate leak)")))
     else:
         sections.append(section("Confusion overview", note("No validation predictions.")))
+    if map_scores:
+        from rcic.reports.map_report import scores_table
+
+        link = ""
+        if map_report is not None and map_report.is_file():
+            link = (f' The full phenomic-map report: <a href="{html.escape(str(map_report.relative_to(out)))}">'
+                    "map</a>.")
+        sections.append(section("Phenomic map", "<p>Every well embedded with the trained model (pooled features), "
+                                                "corrected with the control wells (TVN) or not, and benchmarked: "
+                                                f"replicate retrieval, batch leakage, known gene relationships.{link}"
+                                                "</p>", table(scores_table(map_scores))))
     sections.append(section("Reproduce on real data", f"<pre>{html.escape(commands)}</pre>"))
     path = out / "report.html"
     write_page(path, page(title, f"run {run_dir}", sections))

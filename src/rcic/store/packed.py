@@ -47,6 +47,9 @@ BLOCK = 32  # sites per pack task of an unsharded store
 DEFAULT_SHARD = 256
 MAX_SHARD_BYTES = 4 << 30
 _EMPTY = np.uint64(2**64 - 1)  # a shard index entry of a chunk that is not there
+# every chunk is stored, also one equal to the fill value: a missing chunk is damage, never zeros, and a
+# block's ok chunk on disk marks it as done (zarr's default drops chunks equal to the fill value)
+WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
 
 
 def _compressors(name: str) -> list:
@@ -111,6 +114,13 @@ def _pack_block(args) -> tuple[int, int]:
     """Worker: read, resize and write one block of sites (images, stats, failures, then ok)."""
     root, store_url, block, start, rows, size, skip_missing, layout = args
     location = Location(store_url)
+    with zarr.config.set(WRITE_EVERY_CHUNK):
+        return _write_block(location, block, start, rows, root, size, skip_missing, layout)
+
+
+def _write_block(location: Location, block: int, start: int, rows: list[dict], root, size: int, skip_missing: bool,
+                 layout: str) -> tuple[int, int]:
+    store_url = str(location.root)
     group = zarr.open_group(location.zarr_store(), mode="r+")
     images, stats, ok = group["images"], group["stats"], group["ok"]
     channels = images.shape[1]
@@ -224,15 +234,17 @@ def _create_store(location: Location, dataset: Dataset, size: int, compression: 
     n, c = len(dataset.sites), dataset.channels
     block = shard if shard > 1 else BLOCK
     with remote_errors(str(location.root)):
-        group = zarr.open_group(location.zarr_store(), mode="w")
+        # "a", not "w": "w" would clear the folder, and with it the lock file this pack holds
+        group = zarr.open_group(location.zarr_store(), mode="a")
         group.attrs["rcic_creating"] = True
-        config = {"write_empty_chunks": True}  # every site is stored: a missing chunk is damage, not zeros
         group.create_array("images", shape=(n, c, size, size), chunks=(1, c, size, size),
                            shards=(shard, c, size, size) if shard > 1 else None, dtype="uint8",
-                           compressors=_compressors(compression), fill_value=0, config=config)
+                           compressors=_compressors(compression), fill_value=0, overwrite=True)
         group.create_array("stats", shape=(n, c, 2), chunks=(block, c, 2), dtype="float32", fill_value=0.0,
-                           compressors=[Crc32cCodec()], config=config)
-        group.create_array("ok", shape=(n,), chunks=(block,), dtype="bool", fill_value=True, config=config)
+                           compressors=[Crc32cCodec()], overwrite=True)
+        group.create_array("ok", shape=(n,), chunks=(block,), dtype="bool", fill_value=True, overwrite=True)
+        for stale in ("missing.csv",):
+            location.delete(stale)
         location.write("sites.csv", dataset.sites.to_csv(index=False).encode())
         if dataset.submission_order is not None:
             location.write("submission_order.csv",
