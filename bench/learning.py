@@ -38,10 +38,10 @@ from rcic.training import fit
 
 ROOT = Path(__file__).resolve().parent
 SETS = {
-    "A": dict(seed=21, n_classes=128, effect_size=0.30),
-    "B": dict(seed=22, n_classes=128, effect_size=0.35, batch_effect=1.8, cell_type_effect=0.3),
-    "C": dict(seed=23, n_classes=128, effect_size=0.25, effect_spread=0.9, morphology=2.0, missing_wells=0.05),
-    "D": dict(seed=24, n_classes=96, effect_size=0.30, batch_effect=0.6, cell_type_effect=0.5, morphology=0.5,
+    "A": dict(seed=21, n_classes=128, effect_size=0.22),
+    "B": dict(seed=22, n_classes=128, effect_size=0.25, batch_effect=1.8, cell_type_effect=0.3),
+    "C": dict(seed=23, n_classes=128, effect_size=0.20, effect_spread=0.9, morphology=2.0, missing_wells=0.05),
+    "D": dict(seed=24, n_classes=96, effect_size=0.22, batch_effect=0.6, cell_type_effect=0.5, morphology=0.5,
               image_size=48),
 }
 

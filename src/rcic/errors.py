@@ -16,7 +16,8 @@ class RcicError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, path: str | Path | None = None):
-        self.path = None if path is None else Path(path)
+        # a URL (s3://bucket/x) stays as it is: Path would fold its "//"
+        self.path = None if path is None else (str(path) if "://" in str(path) else Path(path))
         text = " ".join(str(message).split())  # always one line
         super().__init__(f"{self.path}: {text}" if self.path is not None else text)
 

@@ -94,7 +94,8 @@ class RcicNet(nn.Module):
                               f"{in_channels}-channel images (the WILDS release: set model.input=rgb)")
         self.rgb = RgbComposite() if config.input == "rgb" and in_channels == 6 else None
         self.backbone = create_backbone(config, 6 if config.input == "six_channel" else 3)
-        width = self.backbone.num_features
+        # the pooled (pre-logits) width: models with a hidden head layer (MobileNetV3, LCNet) differ
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.embed = nn.Embedding(n_cell_types, config.cell_type_embedding) if config.cell_type_embedding else None
         width += config.cell_type_embedding
         neck: list[nn.Module] = []

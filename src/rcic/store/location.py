@@ -90,21 +90,24 @@ class Location:
     def __init__(self, root: str | Path):
         self.root = normalize(root)
         self.remote = isinstance(self.root, str)
-        self._fs = None
+        self._fs, self._pid = None, None
 
     def __str__(self) -> str:
         return str(self.root)
 
     def __getstate__(self):  # each process (DataLoader worker) opens its own client
-        return {"root": self.root, "remote": self.remote, "_fs": None}
+        return {"root": self.root, "remote": self.remote, "_fs": None, "_pid": None}
 
     @property
     def fs(self):
-        if self._fs is None:
+        """This process's client: a forked DataLoader worker opens its own (async clients are not fork-safe)."""
+        if self._fs is None or self._pid != os.getpid():
             import fsspec
 
             with remote_errors(str(self.root)):
-                self._fs, _ = fsspec.core.url_to_fs(str(self.root), **storage_options(str(self.root)))
+                self._fs, _ = fsspec.core.url_to_fs(str(self.root), skip_instance_cache=True,
+                                                    **storage_options(str(self.root)))
+            self._pid = os.getpid()
         return self._fs
 
     def key(self, *parts: str) -> str | Path:
@@ -166,6 +169,18 @@ class Location:
         with remote_errors(str(path)):
             if self.fs.exists(path):
                 self.fs.rm_file(path)
+
+    def check_bucket(self) -> None:
+        """For a URL: the bucket (or container) must exist; a clear error instead of 'not found' later."""
+        if not self.remote:
+            return
+        bucket = self.root.split("://", 1)[1].split("/", 1)[0]
+        scheme = self.root.split("://", 1)[0]
+        with remote_errors(str(self.root)):
+            try:
+                self.fs.info(f"{scheme}://{bucket}")  # unlike exists(), says why it cannot answer
+            except FileNotFoundError:
+                raise DataError(f"the bucket {bucket} does not exist", self.root) from None
 
     def zarr_store(self, read_only: bool = False):
         import zarr

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ def pack(
         raise DataError(f"--size {size} is larger than the sites ({stored} px); rcic packs at most at full size")
     shard = check_shard(shard, dataset.channels, size)
     location = Location(out)
+    location.check_bucket()
     with _lock(location):
         group = _open_or_create(location, dataset, size, compression, shard)
         block = shard if shard > 1 else BLOCK
@@ -348,14 +350,21 @@ class PackedStore:
         self._images = None
         self._reader = None
         self._index_cache: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_images=None, _reader=None, _index_cache={})
+        state.update(_images=None, _reader=None, _index_cache={}, _pid=None)
         return state
+
+    def _own_process(self) -> None:
+        """After a fork (DataLoader workers), open this process's own readers and clients."""
+        if self._pid != os.getpid():
+            self._images, self._reader, self._pid = None, None, os.getpid()
 
     @property
     def images(self):
+        self._own_process()
         if self._images is None:
             numcodecs.blosc.set_nthreads(1)  # one decoding thread per reader (DataLoader workers read in parallel)
             with remote_errors(str(self.path)):
@@ -370,6 +379,7 @@ class PackedStore:
 
     def read(self, store_index: int) -> np.ndarray:
         """One site as (C, S, S) uint8; a missing or damaged chunk is a ``DataError`` naming it."""
+        self._own_process()
         if self._reader is None:
             self._reader = self._direct_reader() or self._zarr_read
         try:

@@ -74,6 +74,10 @@ def open_source(path: str | Path) -> PngSource | StoreSource:
     from rcic.store.location import is_url, normalize
 
     path = normalize(path)
+    if is_url(path):
+        from rcic.store.location import Location
+
+        Location(path).check_bucket()
     if is_store(path):
         return StoreSource(path)
     if is_url(path):
