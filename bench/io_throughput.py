@@ -1,11 +1,15 @@
-"""Full-site read throughput: PNG folder versus packed store, side by side, on one core.
+"""Full-site read throughput: PNG folder versus packed stores, side by side, on one core.
 
     python bench/io_throughput.py --data DATA            # a Kaggle-layout folder with images
     python bench/io_throughput.py --real-shared          # the 12 real 512x512 sites in ../shared
+    python bench/io_throughput.py --real-shared --s3     # + the sharded store on a local S3 server
 
-Packs DATA into temporary stores (none / lz4 / zstd; packing is not timed), then reads the same
-sites from each source in turn, in rounds, and reports sites/s and bytes per site. The last line
-is ``speedup: X`` (lz4 store over PNG).
+Packs DATA into temporary stores (packing is not timed): one object per site with no / lz4 / zstd
+compression, and the default sharded layout (lz4, 256 sites per object); with ``--s3`` also the
+sharded store on a local S3-compatible server (moto, on 127.0.0.1: it measures the request path,
+not a network). Then reads the same sites from each source in turn, in rounds, and reports sites/s
+and bytes per site. The last lines are ``speedup: X`` (one object per site, lz4, over PNG) and
+``sharded speedup: X`` (sharded lz4 over PNG).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=64, help="distinct sites read per pass")
     ap.add_argument("--seconds", type=float, default=3.0, help="time per source and round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (best of)")
+    ap.add_argument("--s3", action="store_true", help="also read the sharded store from a local S3 server")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rcic-io-"))
     if args.real_shared:
@@ -73,8 +78,14 @@ def main() -> None:
     png = PngSource(data)
     stores = {}
     for compression in ("none", "lz4", "zstd"):
-        result = pack(data, tmp / f"{compression}.zarr", compression=compression, skip_missing=True, workers=2)
+        result = pack(data, tmp / f"{compression}.zarr", compression=compression, skip_missing=True, workers=2,
+                      shard=1)
         stores[compression] = PackedStore(result.path)
+    stores["lz4-sharded"] = PackedStore(pack(data, tmp / "sharded.zarr", skip_missing=True, workers=2).path)
+    server = None
+    if args.s3:
+        server, url = start_s3()
+        stores["lz4-sharded-s3"] = PackedStore(pack(data, url, skip_missing=True, workers=2).path)
     store_sites = stores["lz4"].dataset.sites
     rows = store_sites.head(args.sites).to_dict("records")
     size = stores["lz4"].size
@@ -90,11 +101,29 @@ def main() -> None:
     print(f"data: {data} ({len(rows)} sites of {size}x{size}, one core, best of {args.rounds} rounds)")
     print(f"{'source':<12} {'sites/s':>10} {'MiB/s':>8} {'bytes/site':>12} {'full RxRx1 (125,510 sites)':>28}")
     for name, rate in best.items():
-        per_site = png_bytes if name == "png" else stores[name.split("-")[1]].nbytes_stored() / len(store_sites)
-        print(f"{name:<12} {rate:>10.1f} {rate * 6 * size * size / 2**20:>8.1f} {per_site:>12,.0f} "
+        per_site = png_bytes if name == "png" else stores[name[6:]].nbytes_stored() / len(store_sites)
+        print(f"{name:<22} {rate:>10.1f} {rate * 6 * size * size / 2**20:>8.1f} {per_site:>12,.0f} "
               f"{per_site * 125_510 / 2**30:>24.1f} GiB")
     print(f"speedup: {best['store-lz4'] / best['png']:.1f}")
+    print(f"sharded speedup: {best['store-lz4-sharded'] / best['png']:.1f}")
+    if server is not None:
+        print(f"sharded on the local S3 server: {best['store-lz4-sharded-s3'] / best['png']:.1f}x PNG")
+        server.stop()
     sys.stdout.flush()
+
+
+def start_s3():
+    """A local S3-compatible server (moto) and the standard AWS environment pointing at it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_EC2_METADATA_DISABLED="true")
+    s3fs.S3FileSystem().mkdir("rcic-bench")
+    return server, "s3://rcic-bench/sharded.zarr"
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ def main() -> None:
     args = ap.parse_args()
     store = args.store or make_store(args.size)
     recipe = load_recipe("cpu-demo", [f"data.num_workers={args.workers}", f"data.batch_size={args.batch}",
-                                      "model.head=linear", "loss.arcface=0", "loss.ce=1", "augment.d4=true",
-                                      "augment.intensity_jitter=0.1"])
-    dm = RxRxDataModule(open_source(store), recipe)
-    dm.setup()
+                                      "model.backbone=resnet18", "model.head=linear", "loss.arcface=0", "loss.ce=1",
+                                      "augment.d4=true", "augment.intensity_jitter=0.1", "augment.on=workers"])
+    dm = RxRxDataModule(open_source(store), recipe.data, recipe.augment, recipe.seed, augment_on="workers")
+    dm.setup("fit")
     loader = dm.train_dataloader()
     torch.manual_seed(0)
     net = RcicNet(recipe.model, len(dm.classes), len(dm.cell_types))

@@ -187,11 +187,11 @@ def test_weight_decay_groups_and_head_only_warmup(tiny_store, tmp_path):
                                       "trainer.epochs=2", "optim.freeze_backbone_epochs=1", "optim.weight_decay=0.1"])
     fit(open_source(tiny_store), recipe, tmp_path / "run", progress=False, extra_callbacks=[Watch()])
     assert seen["embed.weight"] == 0 and seen["backbone.bn1.weight"] == 0 and seen["neck.1.weight"] == 0
-    assert seen["backbone.conv1.weight"] == 0.1 and seen["head.weight"] == 0.1
+    assert seen["backbone.conv1.0.weight"] == 0.1 and seen["head.weight"] == 0.1
     assert all(v == 0 for k, v in seen.items() if k.endswith(".bias"))
     first, second = seen["epoch0"], seen["epoch1"]
-    assert not first["backbone.conv1.weight"] and first["head.weight"]  # head-only warm-up epoch
-    assert second["backbone.conv1.weight"]
+    assert not first["backbone.conv1.0.weight"] and first["head.weight"]  # head-only warm-up epoch
+    assert second["backbone.conv1.0.weight"]
 
 
 def test_unknown_cell_type_at_prediction_is_an_error(tiny_run, tmp_path):

@@ -61,5 +61,5 @@ def test_rgb_command_writes_composite(tiny_data, tmp_path):
     expected = to_rgb(load_site(tiny_data, "HEPG2-01_1_B02", 2).transpose(1, 2, 0))
     np.testing.assert_array_equal(written, expected)
     proc = run_cli("rgb", tiny_data, "--id", "HEPG2-01_1_A01", "--out", tmp_path / "x.png", check=False)
-    assert proc.returncode == 2 and "A01_s1_w1.png: channel image not found" in proc.stderr
+    assert proc.returncode == 2 and "HEPG2-01_1_A01 is in none of this data's metadata files" in proc.stderr
     assert not (tmp_path / "x.png").exists()

@@ -7,20 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from rcic.data import d4_transform
 from rcic.io import read_dataset
 from rcic.predict import load_logits
 from tests.conftest import run_cli
-
-
-def test_d4_kernels_form_the_group():
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    images = [d4_transform(x, k) for k in range(8)]
-    assert len({tuple(i.flatten().tolist()) for i in images}) == 8
-    assert torch.equal(d4_transform(d4_transform(x, 1), 3), x)  # four quarter turns
-    assert torch.equal(d4_transform(d4_transform(x, 4), 4), x)  # a flip twice
 
 
 @pytest.fixture(scope="module")

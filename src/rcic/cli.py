@@ -507,7 +507,7 @@ def map_(
                                                            "tvn, spherize, harmony")] = None,
     genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene)")] = None,
     relationships: Annotated[Path | None, typer.Option(help="Known gene pairs (CSV: gene_a,gene_b)")] = None,
-    null_size: Annotated[int, typer.Option(help="Permutations for the mAP p-values", min=100)] = 10000,
+    null_size: Annotated[int, typer.Option(help="Permutations behind each mAP p-value", min=100)] = 1000,
     probe: Annotated[bool, typer.Option(help="Fit the linear probe")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:

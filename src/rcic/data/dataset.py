@@ -311,17 +311,28 @@ class RxRxDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = EpochSampler(len(self.train_set), self.seed, rank, world)
         drop = len(sampler) > bs  # BatchNorm needs more than one sample
-        batches = len(sampler) // bs if drop else -(-len(sampler) // bs)
-        done = self._batches_done()
-        if 0 < done < batches:  # resuming a mid-epoch checkpoint: skip what it trained on already
-            sampler.skip(done * bs)
+        resume, self._resume = getattr(self, "_resume", None), None
+        if resume:  # a resumed run: start where the checkpoint stopped, mid-epoch too
+            if resume["batches"] >= resume["epoch_batches"]:
+                sampler.set_epoch(resume["epoch"] + 1)
+            else:
+                sampler.set_epoch(resume["epoch"])
+                sampler.skip(resume["batches"] * bs)
         return self._loader(self.train_set, bs, sampler, drop)
 
-    def _batches_done(self) -> int:
-        loop = getattr(self.trainer, "fit_loop", None) if self.trainer else None
-        if loop is None or not loop.restarting:
-            return 0
-        return int(loop.epoch_loop.batch_progress.current.processed)
+    # The position in the epoch travels in every checkpoint. Lightning restores a DataModule's state
+    # before it first asks for the training loader, so the sampler starts at the right epoch and
+    # batch (its loop counters are restored later, after the loader has been built).
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or getattr(trainer, "fit_loop", None) is None:
+            return {}
+        return {"epoch": int(trainer.current_epoch),
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+                "epoch_batches": int(trainer.num_training_batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

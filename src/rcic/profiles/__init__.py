@@ -18,7 +18,7 @@ import pandas as pd
 from rcic.errors import DataError
 from rcic.profiles.correct import METHODS, correct
 from rcic.profiles.embeddings import META_COLUMNS, embedding_frame, read_embeddings, write_embeddings
-from rcic.profiles.metrics import batch_leakage, known_recall, probe_accuracy, replicate_map
+from rcic.profiles.metrics import NULL_SIZE, known_recall, map_from_average_precision, probe_accuracy, similarity_scores
 
 __all__ = ["META_COLUMNS", "METHODS", "MapResult", "correct", "embedding_frame", "phenomic_map", "read_embeddings",
            "read_gene_tables", "write_embeddings"]
@@ -50,7 +50,7 @@ def read_gene_tables(genes: str | Path, relationships: str | Path, meta: pd.Data
 
 
 def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: pd.DataFrame | None = None,
-                 relationships: pd.DataFrame | None = None, null_size: int = 10000, probe: bool = True,
+                 relationships: pd.DataFrame | None = None, null_size: int = NULL_SIZE, probe: bool = True,
                  source=None, progress: Callable[[int, int], None] | None = None) -> MapResult:
     """Correct the embeddings with each method and score them (see ``rcic.profiles.metrics``)."""
     for method in methods:
@@ -69,9 +69,10 @@ def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: p
         start = time.perf_counter()
         z = correct(meta, x, method, source)
         tick()
-        mean_ap, fraction, per_sirna = replicate_map(meta, z, null_size=null_size)
+        similarity = similarity_scores(meta, z)
         tick()
-        leakage, expected = batch_leakage(meta, z)
+        mean_ap, fraction, per_sirna = map_from_average_precision(similarity.average_precision, null_size)
+        leakage, expected = similarity.batch_leakage, similarity.batch_leakage_expected
         tick()
         recall, interval, pairs = (None, None, 0)
         if genes is not None and relationships is not None:

@@ -451,9 +451,12 @@ class PackedStore:
                 raw, stored = raw[:-4], raw[-4:]
                 if _crc32c(raw) != stored:
                     raise ValueError("checksum mismatch: the chunk's bytes changed since it was written")
+            out = np.empty(site_shape, np.uint8)  # writable: handed to torch as it is
             if blosc:
-                raw = numcodecs.blosc.decompress(raw)
-            return np.frombuffer(raw, np.uint8).reshape(site_shape)
+                numcodecs.blosc.decompress(raw, out)
+            else:
+                out.reshape(-1)[:] = np.frombuffer(raw, np.uint8)
+            return out
 
         numcodecs.blosc.set_nthreads(1)
         probe = int(self.dataset.sites["store_index"].iloc[0]) if len(self.dataset.sites) else None

@@ -238,13 +238,25 @@ def fit(
 
 
 def _finish(run_dir: Path, score: float | None, monitor: str | None) -> None:
-    """The run is complete: checkpoints keep only what prediction needs (weights, recipe, classes)."""
+    """The run is complete: checkpoints keep only what prediction needs (weights, recipe, classes), and
+    files holding the same weights (best.ckpt, last.ckpt, the last epoch's) become one file, hard-linked."""
+    kept: list[tuple[Path, dict]] = []
     for path in _checkpoints(run_dir):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
             checkpoint.pop(key, None)
+        twin = next((p for p, state in kept if _same_weights(state, checkpoint["state_dict"])), None)
         with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+            if twin is not None:
+                os.link(twin, tmp)
+            else:
+                torch.save(checkpoint, tmp)
+        if twin is None:
+            kept.append((path, checkpoint["state_dict"]))
     info = _read_run_info(run_dir)
     info.update(complete=True, best_score=score, monitor=monitor)
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,6 +15,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from rcic.assign.scoring import mean_by_well, score_wells
 from rcic.config import Recipe, recipe_from_dict
@@ -35,6 +37,11 @@ class RcicTask(L.LightningModule):
         self.augment_on, self.channels_last = augment_on, channels_last
         self.net = RcicNet(self.recipe.model, len(classes), len(cell_types), scale=self.recipe.loss.scale,
                            in_channels=in_channels)
+        # epoch accuracy of the un-mixed training batches, reduced across DDP ranks by torchmetrics
+        self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
+        self.train_loss = MeanMetric()
+        for metric in (self.train_acc, self.train_loss):
+            metric.persistent(True)  # running sums travel in mid-epoch checkpoints: a resumed epoch's means are exact
         self.tta: tuple[int, ...] = TTA_SETS[1]
         self.site_outputs = False  # predict_step also returns each site's logits (WILDS scores images)
         self._val: list[dict[str, torch.Tensor]] = []
@@ -89,11 +96,14 @@ class RcicTask(L.LightningModule):
         if lam < 1.0:
             loss = lam * loss + (1 - lam) * loss_per_sample(out, target_b, loss_cfg)
         loss = loss.mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(images))
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(images))
+        self.train_loss.update(loss.detach(), len(images))
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=len(images))
         if lam == 1.0:
-            acc = (out["logits"].argmax(1) == target_a).float().mean()
-            self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(images))
+            self.train_acc.update(out["logits"].detach(), target_a)
+        # logged at every step (updated on un-mixed batches only), so its epoch value is always computed
+        # and reset, also in an epoch that a resumed run finishes after its last un-mixed batch
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -158,7 +168,7 @@ class RcicTask(L.LightningModule):
 
         o = self.recipe.optim
         # no weight decay on norms, biases and the cell-type embedding (timm's param groups)
-        groups = param_groups_weight_decay(self.net, o.weight_decay, self.net.no_weight_decay())
+        groups = param_groups_weight_decay(self.net, o.weight_decay, no_weight_decay_list=self.net.no_weight_decay())
         match o.optimizer:
             case "adam":
                 opt = torch.optim.Adam(groups, lr=o.lr)
