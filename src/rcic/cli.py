@@ -27,6 +27,18 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# options shared by the commands that run models (predict, evaluate, embed)
+Runs = Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")]
+DataSource = Annotated[str, typer.Option("--data", help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")]
+Tta = Annotated[int, typer.Option("--tta", help="D4 transforms averaged: 1, 2, 4 or 8")]
+Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best, last, or a checkpoint path")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Wells per batch (2 sites each)", min=1)]
+Workers = Annotated[int, typer.Option("--workers", help="DataLoader workers", min=0)]
+Devices = Annotated[str, typer.Option("--devices", help="Devices (GPUs, or CPU processes) for DDP")]
+Precision = Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
+                                                            "precision")]
+
+
 def _version(value: bool) -> None:
     if value:
         from rcic import __version__
@@ -309,18 +321,17 @@ def train(
 
 @app.command()
 def predict(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
-    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")],
+    runs: Runs,
+    data: DataSource,
     out: Annotated[Path, typer.Option(help="Output logits file (.npz)")],
     split: Annotated[str, typer.Option(help="test, val (the runs' held-out experiments), train or all")] = "test",
-    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
-    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
-    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
+    tta: Tta = 8,
+    checkpoint: Checkpoint = "best",
+    batch_size: BatchSize = 32,
+    workers: Workers = 0,
     embeddings: Annotated[bool, typer.Option(help="Also store the pooled features")] = False,
-    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
-    precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
-                                                "precision")] = "auto",
+    devices: Devices = "1",
+    precision: Precision = "auto",
 ) -> None:
     """Well logits averaged over both sites, D4 TTA and all given runs (Lightning Trainer.predict)."""
     from rcic.predict import predict as run_predict
@@ -353,16 +364,16 @@ def _pct(value) -> str:
 
 @app.command()
 def evaluate(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run folders (averaged: an ensemble)")],
-    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL: s3://...)")],
+    runs: Runs,
+    data: DataSource,
     split: Annotated[str, typer.Option(help="val (the runs' held-out experiments) or test (labelled test "
                                             "wells: the WILDS release)")] = "val",
-    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
-    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
-    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
-    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
-    precision: Annotated[str, typer.Option(help="auto or a Lightning precision")] = "auto",
+    tta: Tta = 8,
+    checkpoint: Checkpoint = "best",
+    batch_size: BatchSize = 32,
+    workers: Workers = 0,
+    devices: Devices = "1",
+    precision: Precision = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Well-level accuracy (arg-max and plate leak), overall, per cell type and per experiment."""
@@ -462,16 +473,16 @@ def score(
 
 @app.command()
 def embed(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run folders")],
-    data: Annotated[str, typer.Option(help="RxRx1 folder (PNG) or packed store (folder or URL)")],
+    runs: Runs,
+    data: DataSource,
     out: Annotated[Path, typer.Option(help="Embeddings table to write (.parquet)")],
     split: Annotated[str, typer.Option(help="all, train or test wells (treatments and controls alike)")] = "all",
-    tta: Annotated[int, typer.Option(help="D4 transforms averaged: 1, 2, 4 or 8")] = 8,
+    tta: Tta = 8,
     combine: Annotated[str, typer.Option(help="Runs' features averaged (mean) or side by side (concat)")] = "mean",
-    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path")] = "best",
-    batch_size: Annotated[int, typer.Option(help="Wells per batch (2 sites each)", min=1)] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader workers", min=0)] = 0,
-    devices: Annotated[str, typer.Option(help="Devices (GPUs, or CPU processes) for DDP")] = "1",
+    checkpoint: Checkpoint = "best",
+    batch_size: BatchSize = 32,
+    workers: Workers = 0,
+    devices: Devices = "1",
 ) -> None:
     """One row per well: metadata and the network's pooled features (sites, TTA and runs averaged)."""
     if split not in ("all", "train", "test"):
