@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("RCIC_REALDATA", ROOT.parent / "shared" / "realdata" / "rxrx1"))
 REAL_CSV = REAL / "kaggle_v2019"
 REAL_IMAGES = REAL / "images"
+# a wide terminal for every rcic run, in this process or not: tables and paths are never wrapped
+os.environ["COLUMNS"] = "200"
 
 
 def need_real_csvs() -> Path:
@@ -29,13 +33,48 @@ def need_real_images() -> Path:
     return REAL_IMAGES
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real `rcic` entry point in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "rcic.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
+            process: bool = False) -> subprocess.CompletedProcess:
+    """Run the `rcic` command line as a user would and return its exit code, stdout and stderr.
+
+    In this process by default (the CLI's own ``main``, with its error handling), so a test does not
+    pay for importing torch again; ``process=True`` runs the real entry point in a subprocess, for
+    what only a process shows (everything printed by any library on stderr, signals, DDP).
+    """
+    argv = [str(a) for a in args]
+    if process:
+        proc = subprocess.run([sys.executable, "-m", "rcic.cli", *argv], capture_output=True, text=True,
+                              cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    else:
+        proc = _run_in_process(argv, cwd)
     if check and proc.returncode != 0:
-        raise AssertionError(f"rcic {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"rcic {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _run_in_process(argv: list[str], cwd: Path | None) -> subprocess.CompletedProcess:
+    from rcic.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_cwd, old_columns = sys.argv, Path.cwd(), os.environ.get("COLUMNS")
+    sys.argv, os.environ["COLUMNS"] = ["rcic", *argv], "200"
+    code: int | str | None = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        if old_columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old_columns
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["rcic", *argv], returncode, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -70,14 +70,16 @@ def test_ddp_validation_and_prediction_equal_one_process(tiny_data, tmp_path):
     assert len(open_source(store).dataset.sites) % 2 == 1
     run = tmp_path / "ddp"
     run_cli("train", "--data", store, "--recipe", "cpu-demo", "--out", run, *TINY, "--set", "trainer.epochs=1",
-            "--devices", "2")
+            "--devices", "2", process=True)
     best = _best_row(run)
     one = json.loads(run_cli("evaluate", run, "--data", store, "--tta", "1", "--json").stdout)
-    two = json.loads(run_cli("evaluate", run, "--data", store, "--tta", "1", "--devices", "2", "--json").stdout)
+    two = json.loads(run_cli("evaluate", run, "--data", store, "--tta", "1", "--devices", "2", "--json",
+                             process=True).stdout)
     assert one["acc"] == pytest.approx(best["val/acc"], abs=1e-6) and one == two
     assert one["acc_leak"] == pytest.approx(best["val/acc_leak"], abs=1e-6)
     run_cli("predict", run, "--data", store, "--tta", "2", "--out", tmp_path / "one.npz")
-    run_cli("predict", run, "--data", store, "--tta", "2", "--devices", "2", "--out", tmp_path / "two.npz")
+    run_cli("predict", run, "--data", store, "--tta", "2", "--devices", "2", "--out", tmp_path / "two.npz",
+            process=True)
     a, b = load_logits(tmp_path / "one.npz"), load_logits(tmp_path / "two.npz")
     assert (a.id_code == b.id_code).all()
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = run_cli("demo", "--out", out, "--preset", "tiny", "--epochs", "2", "--workers", "2")
+    proc = run_cli("demo", "--out", out, "--preset", "tiny", "--epochs", "2", "--workers", "2", process=True)
     assert "Accuracy" in proc.stdout and "report.html" in proc.stdout
     # a newcomer's first run ends on the table and the paths: no progress line left, nothing on stderr
     assert proc.stdout.rstrip().splitlines()[-1].startswith("report") and proc.stderr.strip() == "", proc.stderr
@@ -37,7 +37,8 @@ def test_demo_output_is_small(demo_dir):
 @pytest.mark.slow
 def test_demo_passes_through_every_stage(demo_dir):
     for path in ("data/answers.csv", "store.zarr/zarr.json", "eda/index.html", "run/checkpoints/best.ckpt",
-                 "val_tta8.npz", "test_tta8.npz", "submission.csv", "accuracy.json", "report.html"):
+                 "val_tta8.npz", "test_tta8.npz", "submission.csv", "accuracy.json", "report.html",
+                 "embeddings.parquet", "map/scores.json", "map/map.html"):
         assert (demo_dir / path).exists(), path
     rows = json.loads((demo_dir / "accuracy.json").read_text())["rows"]
     assert {r["step"] for r in rows} == {"arg-max", "+ TTA (x8)", "+ plate leak"}
@@ -71,7 +72,8 @@ def test_reports_render_in_chromium(demo_dir, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     for page, must in ((demo_dir / "report.html", ["Accuracy", "Plate rotations", "Confusion overview",
                                                    "Reproduce on real data"]),
-                       (demo_dir / "eda" / "index.html", ["Plate map", "Montages", "batch effect"])):
+                       (demo_dir / "eda" / "index.html", ["Plate map", "Montages", "batch effect"]),
+                       (demo_dir / "map" / "map.html", ["Benchmarks", "replicate mAP", "tvn", "Known relationships"])):
         errors, loaded, text = render(page, shots / f"{page.parent.name}-{page.stem}.png")
         assert errors == [], errors
         assert loaded and all(loaded), loaded

@@ -103,7 +103,7 @@ def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     out = tmp_path / "ddp"
     args = ["train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY, "--set", "trainer.epochs=1"]
     if launcher == "devices":
-        run_cli(*args, "--devices", "2")
+        run_cli(*args, "--devices", "2", process=True)
     else:
         torchrun = Path(sys.executable).with_name("torchrun")
         proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "rcic.cli", *map(str, args)],
