@@ -125,6 +125,16 @@ def test_skip_missing_on_real_pngs(real_b02, tmp_path):
     report = pd.read_csv(tmp_path / "real2.zarr" / "missing.csv")
     assert len(report) == 12 and report.reason.str.contains("w5.png").all()
     assert store.read(0).shape == (6, 128, 128) and store.read(0).std() > 5
+    # only the sites that exist take space: a partial download never stores a zero site per gap
+    for shard in (1, 8):
+        out = tmp_path / f"none{shard}.zarr"
+        run_cli("pack", real_b02, "--out", out, "--skip-missing", "--size", "128", "--compression", "none",
+                "--shard", str(shard))
+        raw = PackedStore(out)
+        assert raw.nbytes_stored() < 12 * (6 * 128 * 128 + 64) + 2 * 24 * 16
+        for i in range(0, 12, 5):
+            np.testing.assert_array_equal(raw.read(int(raw.dataset.sites.store_index.iloc[i])),
+                                          store.read(int(store.dataset.sites.store_index.iloc[i])))
 
 
 def test_parallel_pack_writes_every_sites_statistics(tmp_path):

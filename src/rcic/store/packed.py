@@ -145,13 +145,22 @@ def _write_block(location: Location, block: int, start: int, rows: list[dict], r
             image = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_AREA) for c in image])
         data[k] = image
     with remote_errors(store_url):
-        images[start:start + len(rows)] = data
+        # only the sites that were read: a partial download must not store a zero chunk for every
+        # missing site (with --compression none that is the full size of the data set)
+        for a, b in _runs(good):
+            images[start + a:start + b] = data[a:b]
         flat = data.reshape(len(rows), channels, -1).astype(np.float32)
         stats[start:start + len(rows)] = np.stack([flat.mean(-1), flat.std(-1)], axis=-1)
         if failed:
             location.write(f"missing/{block}.json", json.dumps(failed).encode())
         ok[start:start + len(rows)] = good  # last: its chunk on disk marks the block as done
     return block, len(rows)
+
+
+def _runs(good: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open [a, b) ranges of consecutive True values."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], good.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def check_shard(shard: int, channels: int, size: int) -> int:
