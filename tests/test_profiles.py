@@ -40,6 +40,13 @@ def test_average_precision_equals_copairs():
     np.testing.assert_allclose(ours["average_precision"], theirs["average_precision"], atol=1e-6)
     assert (ours["n_pos_pairs"].to_numpy() == theirs["n_pos_pairs"].to_numpy()).all()
     assert (ours["n_total_pairs"].to_numpy() == theirs["n_total_pairs"].to_numpy()).all()
+    from copairs.map.normalization import normalize_ap
+
+    from rcic.profiles.metrics import normalized_average_precision
+
+    m, n = ours["n_pos_pairs"].to_numpy(), ours["n_total_pairs"].to_numpy() - ours["n_pos_pairs"].to_numpy()
+    np.testing.assert_allclose(normalized_average_precision(ours["average_precision"].to_numpy(), m, n),
+                               normalize_ap(ours["average_precision"].to_numpy(), m, n), atol=1e-12)
 
 
 def test_average_precision_by_hand():
