@@ -114,10 +114,10 @@ def main() -> None:
 
 def start_s3():
     """A local S3-compatible server (moto) and the standard AWS environment pointing at it."""
+    import logging
+
     import s3fs
     from moto.server import ThreadedMotoServer
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request would be timed too
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
