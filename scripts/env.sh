@@ -19,8 +19,8 @@ _rcic_setup() {
   stamp="$RCIC_ROOT/.venv/.rcic-installed-$(sha256sum "$RCIC_ROOT/pyproject.toml" | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     echo "installing rcic and its pinned dependencies into .venv (first run only)" >&2
-    "$RCIC_ROOT/.venv/bin/python" -m pip install --quiet --upgrade pip &&
-      "$RCIC_ROOT/.venv/bin/python" -m pip install --quiet -e "$RCIC_ROOT[dev]" || return 1
+    "$RCIC_ROOT/.venv/bin/python" -m pip install -qq --upgrade pip &&
+      "$RCIC_ROOT/.venv/bin/python" -m pip install -qq -e "$RCIC_ROOT[dev]" || return 1
     rm -f "$RCIC_ROOT"/.venv/.rcic-installed-* && touch "$stamp"
   fi
   export PATH="$RCIC_ROOT/.venv/bin:$PATH"
