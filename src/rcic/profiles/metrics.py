@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,7 @@ def probe_accuracy(meta: pd.DataFrame, x: np.ndarray, split_seed: int = 0) -> fl
     of the training experiments (seeded), L2 C=1, lbfgs; score every well of the held-out ones.
     """
     from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -267,6 +269,8 @@ def probe_accuracy(meta: pd.DataFrame, x: np.ndarray, split_seed: int = 0) -> fl
     pca = PCA(n_components=min(PROBE_COMPONENTS, xs.shape[1], len(train_rows) - 1), random_state=0)
     train = pca.fit_transform(scaler.transform(xs[train_rows]))
     model = LogisticRegression(max_iter=100, tol=1e-3, C=1.0)
-    model.fit(train, labels[train_rows])
+    with warnings.catch_warnings():  # 100 iterations is the protocol, not a fault to report per run
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(train, labels[train_rows])
     predicted = model.predict(pca.transform(scaler.transform(xs[test])))
     return float((predicted[seen] == labels[test][seen]).mean()) if seen.any() else None
