@@ -615,11 +615,11 @@ def demo(
     console.print(f"data: {s['train_wells']} train / {s['test_wells']} test treatment wells, "
                   f"{s['treatment_classes']} siRNAs, {s['train_experiments']} + {s['test_experiments']} experiments")
     _table(f"Accuracy (chance {result.accuracy.attrs['chance']:.3f})", pd.DataFrame(result.accuracy))
-    maps = result.map_scores
-    console.print("phenomic map (none -> tvn): " + "; ".join(
-        f"{name} {_pct(maps['none'][key])} -> {_pct(maps['tvn'][key])}"
-        for key, name in (("replicate_map", "replicate mAP"), ("batch_leakage", "batch leakage"),
-                          ("known_recall", "known recall"))))
+    from rcic.reports.map_report import scores_table
+
+    maps = scores_table(result.map_scores)[["correction", "replicate mAP", "batch leakage",
+                                            "leakage without batch effects", "known recall"]]
+    _table("Phenomic map of the model's embeddings", maps)
     console.print(f"submission: {result.out / 'submission.csv'}")
     console.print(f"report: [bold]{result.report}[/]")
 

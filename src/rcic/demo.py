@@ -28,6 +28,9 @@ from rcic.submit import make_submission, read_submission_csv, score, write_submi
 from rcic.synth import generate, preset
 from rcic.training import fit
 
+# none, the simplest correction, EFAAR's TVN, and Harmony (which uses all wells, not only the controls):
+# which one helps depends on how many controls there are and on what the embeddings still carry
+DEMO_CORRECTIONS = ("none", "center", "tvn", "harmony")
 STAGES = ("synth", "info", "pack", "eda", "train", "predict", "submit", "score", "map", "report")
 
 
@@ -143,7 +146,7 @@ def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int
 
 
 def _phenomic_map(out: Path, run_dir: Path, source, data: Path, progress) -> dict:
-    """Embed every well with the trained model, then correct and benchmark the embeddings (none vs TVN)."""
+    """Embed every well with the trained model, then correct and benchmark the embeddings side by side."""
     scores_path = out / "map" / "scores.json"
     if scores_path.is_file():
         return json.loads(scores_path.read_text())
@@ -153,7 +156,7 @@ def _phenomic_map(out: Path, run_dir: Path, source, data: Path, progress) -> dic
         write_embeddings(embeddings, embedding_frame(logits.wells, logits.extra["embeddings"]))
     meta, x = read_embeddings(embeddings)
     genes, pairs = read_gene_tables(data / "genes.csv", data / "relationships.csv", meta)
-    result = phenomic_map(meta, x, ["none", "tvn"], genes, pairs, null_size=2000, progress=progress)
+    result = phenomic_map(meta, x, list(DEMO_CORRECTIONS), genes, pairs, null_size=2000, progress=progress)
     write_map_report(out / "map", meta, result.scores, result.corrected, str(embeddings))
     atomic_write_text(scores_path, json.dumps(result.scores, indent=2))
     return result.scores

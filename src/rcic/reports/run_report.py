@@ -104,7 +104,7 @@ def write_run_report(out: Path, *, eda_dir: Path | None, run_dir: Path, accuracy
             link = (f' The full phenomic-map report: <a href="{html.escape(str(map_report.relative_to(out)))}">'
                     "map</a>.")
         sections.append(section("Phenomic map", "<p>Every well embedded with the trained model (pooled features), "
-                                                "corrected with the control wells (TVN) or not, and benchmarked: "
+                                                "corrected with the control wells or not, and benchmarked: "
                                                 f"replicate retrieval, batch leakage, known gene relationships.{link}"
                                                 "</p>", table(scores_table(map_scores))))
     sections.append(section("Reproduce on real data", f"<pre>{html.escape(commands)}</pre>"))
