@@ -132,7 +132,7 @@ def compare_choices(out: Path, sets: list[str], alternatives: list[str]) -> str:
             run_dir = folder / ("fold0" if choice == "cpu-demo" else "fold0-" + choice.replace("=", "-"))
             overrides = ["data.folds=3", "data.fold=0"] + ([] if choice == "cpu-demo" else [choice])
             run, seconds, best = train(source, run_dir, overrides)
-            path = run_dir.with_suffix(".test.npz")
+            path = run_dir.parent / f"{run_dir.name}.test.npz"
             if not path.is_file():
                 save_logits(path, predict([run], source, split="test", tta=8, batch_size=64))
             _, leak = test_accuracy(source, load_logits(path), answers)
