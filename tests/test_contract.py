@@ -111,6 +111,8 @@ CASES = [
     Case("unknown option", lambda d, fx: ["train", "--bogus"], "No such option: --bogus"),
     Case("missing required option", lambda d, fx: ["train"], "Missing option '--data'"),
     Case("no arguments", lambda d, fx: [], "no command given"),
+    Case("unknown split after the run is loaded", lambda d, fx: ["evaluate", fx["run"], "--data", fx["store"],
+                                                                 "--split", "bogus"], "--split must be one of"),
     Case("batch size 0", lambda d, fx: ["predict", fx["run"], "--data", fx["store"], "--out", d / "x.npz",
                                         "--batch-size", "0"], "--batch-size"),
     # CSVs and recipes
@@ -180,7 +182,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, fixtures, tmp_path):
     args = case.make(tmp_path, fixtures)
     before = snapshot(tmp_path)
     proc = rcic(*args, cwd=tmp_path)
-    lines = proc.stderr.strip().splitlines()
+    lines = proc.stderr.rstrip().splitlines()  # no blank line before the error either
     assert proc.returncode == case.code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert case.message in lines[0], lines[0]

@@ -56,7 +56,11 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @contextmanager
 def progress_bar(description: str):
     """A rich progress bar on a terminal (cleared when done, so an error stays one line); yields a
-    ``progress(done, total)`` callback for library code."""
+    ``progress(done, total)`` callback for library code. Not on a pipe or a file: there rich's
+    bar would leave an empty line before an error."""
+    if not err_console.is_terminal:
+        yield lambda done, total: None
+        return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=None)
