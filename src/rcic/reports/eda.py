@@ -128,6 +128,9 @@ def intensity_section(source: ImageSource, out: Path, progress: Callable[[int, i
     for c in range(6):
         frame[f"w{c + 1}"] = means[:, c]
     frame = frame.dropna()
+    if frame.empty:  # images of a few sites only (a sparse download): none of the sampled sites was there
+        return section("Channel intensities (the batch effect)",
+                       note(f"None of the {len(means)} sampled sites could be read, so this section is left out."))
     experiments = sorted(frame.experiment.unique())
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
     colours = {ct: plt.cm.tab10(i) for i, ct in enumerate(sorted(frame.cell_type.unique()))}
