@@ -64,13 +64,61 @@ def test_same_seed_same_bytes_any_workers(tmp_path):
     assert _digest(a) == _digest(b) != _digest(c)
 
 
-def test_synth_cli_2023_labels_and_refuses_nonempty(tmp_path):
+def test_synth_cli_2023_labels_negative_controls_and_refuses_nonempty(tmp_path):
     run_cli("synth", tmp_path / "d", "--preset", "tiny", "--image-size", "16", "--label-style", "kaggle-2023",
-            "--cell-types", "U2OS")
+            "--cell-types", "U2OS", "--negative-controls", "3")
     ds = read_dataset(tmp_path / "d")
     assert ds.layout == "kaggle-2023" and ds.vocab.labels[-1] == "UNTREATED"
     assert all(label.startswith("sirna_") for label in ds.vocab.labels[:-1])
+    for split in ("train", "test"):  # exactly 3 negative controls per plate, B02 among them, real spelling
+        controls = pd.read_csv(tmp_path / "d" / f"{split}_controls.csv")
+        negative = controls[controls.well_type == "negative_control"]
+        assert set(negative.sirna) == {"UNTREATED"}
+        per_plate = negative.groupby(["experiment", "plate"]).well.agg(list)
+        assert len(per_plate) == 4 * ds.wells.query(f"split == '{split}'").experiment.nunique()
+        assert (per_plate.str.len() == 3).all() and all("B02" in w for w in per_plate)
+        treatments = pd.read_csv(tmp_path / "d" / f"{split}.csv")
+        assert not set(negative.id_code) & set(treatments.id_code)  # an extra control takes a well of its own
     proc = run_cli("synth", tmp_path / "d", "--preset", "tiny", check=False)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     proc = run_cli("synth", tmp_path / "e", "--n-classes", "6", check=False)
     assert proc.returncode == 2 and "multiple of 4" in proc.stderr and not (tmp_path / "e").exists()
+    proc = run_cli("synth", tmp_path / "e", "--negative-controls", "0", check=False)
+    assert proc.returncode == 2 and "negative_controls" in proc.stderr and not (tmp_path / "e").exists()
+
+
+def test_plate_effect_scales_each_channel_by_the_plates_gain():
+    from rcic.synth.generator import NO_PLATE_EFFECT, experiment_effects, plate_effects, render_site
+
+    config = preset("tiny", plate_effect=1.0)
+    assert plate_effects(preset("tiny"), "RPE-01", 1) is NO_PLATE_EFFECT  # strength 0: no plate effect at all
+    effects = [plate_effects(config, "RPE-01", p) for p in range(1, 5)]
+    assert len({tuple(np.round(e["gain"], 6)) for e in effects}) == 4  # every plate its own gains
+    # the same cells (same random stream, no camera noise) on plate 2, on it with a gain of 1, and with a gain of 0
+    batch = {**experiment_effects(config, "RPE-01"), "noise": 0.0}
+    plate = effects[1]
+
+    def channel_means(gain):
+        site = render_site(config, "RPE", 3, batch, np.random.default_rng(7), {**plate, "gain": gain})
+        return site.reshape(6, -1).mean(axis=1)
+
+    with_gain, unit, dark = channel_means(plate["gain"]), channel_means(np.ones(6)), channel_means(np.zeros(6))
+    np.testing.assert_allclose(with_gain - dark, plate["gain"] * (unit - dark), atol=0.3)
+    assert np.abs(with_gain - unit).max() > 1  # the gains are large enough to see
+
+
+def test_realsize_preset_has_the_real_plate_layout(tmp_path):
+    from rcic.synth.generator import _write_csvs, design_plates
+
+    config = preset("realsize")
+    wells, labels = design_plates(config)
+    _write_csvs(wells, labels, tmp_path)  # the CSVs alone: rcic reads the design without images
+    ds = read_dataset(tmp_path)
+    assert [len(g) for g in ds.plate_groups.groups] == [277] * 4
+    per_plate = ds.wells.drop_duplicates("id_code").groupby(["experiment", "plate", "well_type"]).size().unstack()
+    assert (per_plate["treatment"] == 277).all() and (per_plate["positive_control"] == 30).all()
+    assert (per_plate["negative_control"] == 1).all()
+    # the real 2019 ids: treatments 0-1107, positive controls 1108-1137, the negative control 1138
+    controls = pd.read_csv(tmp_path / "train_controls.csv")
+    assert set(controls.loc[controls.well_type == "negative_control", "sirna"]) == {1138}
+    assert set(controls.loc[controls.well_type == "positive_control", "sirna"]) == set(range(1108, 1138))

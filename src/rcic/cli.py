@@ -177,7 +177,8 @@ def rgb(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty)")],
-    preset: Annotated[str, typer.Option(help="tiny (tests), small (CPU demo), medium")] = "small",
+    preset: Annotated[str, typer.Option(help="tiny (tests), small (CPU demo), medium, realsize (1,108 "
+                                             "treatments, 277 per plate, 32 px)")] = "small",
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes")] = 0,
     n_classes: Annotated[int | None, typer.Option(help="Treatment classes (multiple of 4)")] = None,
     n_positive: Annotated[int | None, typer.Option(help="Positive control classes")] = None,
@@ -197,6 +198,10 @@ def synth(
     morphology: Annotated[float | None, typer.Option(help="How different the cell types look, 0-3 (1)")] = None,
     missing_wells: Annotated[float | None, typer.Option(help="Fraction of treatment wells missing per plate "
                                                              "(0)")] = None,
+    plate_effect: Annotated[float | None, typer.Option(help="Strength of per-plate morphology shift, channel "
+                                                            "gain/offset and blur, 0-5 (0; realsize 1)")] = None,
+    negative_controls: Annotated[int | None, typer.Option(help="Negative-control wells per plate (1, as on "
+                                                               "most real plates)")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes", min=1)] = 1,
 ) -> None:
     """Generate a synthetic RxRx1 dataset (Kaggle or WILDS layout) with answers.csv and gene tables."""
@@ -209,7 +214,8 @@ def synth(
         train_experiments=train_experiments, test_experiments=test_experiments, label_style=label_style,
         cell_types=tuple(c.strip() for c in cell_types.split(",")) if cell_types else None, layout=layout,
         batch_effect=batch_effect, effect_size=effect_size, effect_spread=effect_spread,
-        cell_type_effect=cell_type_effect, morphology=morphology, missing_wells=missing_wells)
+        cell_type_effect=cell_type_effect, morphology=morphology, missing_wells=missing_wells,
+        plate_effect=plate_effect, negative_controls=negative_controls)
     with progress_bar("synth sites") as update:
         generate(out, config, workers=workers, progress=update)
     console.print(f"wrote {out} ({config.n_classes} classes, {config.image_size}px)")

@@ -59,6 +59,9 @@ BACKGROUND = np.array([8.0, 14.0, 22.0, 15.0, 10.0, 12.0])
 # Larger images show more, slightly larger cells: nucleus radius grows with sqrt(size), so a 512 px
 # site holds ~8x the cells of a 64 px one (about 80-110, as in the real images).
 REFERENCE_SIZE = 64
+# Real RxRx1 plates (kaggle_v2019 *_controls.csv, 204 plates): one negative control at B02 on 172,
+# 2-4 on 32 (mean 1.2); an extra one takes a treatment's well. 30 positive controls per plate.
+MAX_NEGATIVE_CONTROLS = 64
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class SynthConfig:
     morphology: float = 1.0  # how different the cell types look (0: alike, 1: default, 2: more)
     missing_wells: float = 0.0  # fraction of treatment wells missing from each plate
     pathway_weight: float = 0.6  # share of an effect common to a gene's complex (the biology to recover)
+    plate_effect: float = 0.0  # strength of plate-level effects on top of the experiment's (0: none)
+    negative_controls: int = 1  # negative-control wells per plate: B02, then random treatment positions
 
     def __post_init__(self):
         if self.n_classes < 4 or self.n_classes % 4:
@@ -100,9 +105,12 @@ class SynthConfig:
             raise DataError(f"layout must be kaggle or wilds, got {self.layout!r}")
         if self.layout == "wilds" and self.label_style != "kaggle-2019":
             raise DataError("the WILDS layout has integer labels (sirna_id): use label_style kaggle-2019")
+        if not 1 <= self.negative_controls <= MAX_NEGATIVE_CONTROLS:
+            raise DataError(f"negative_controls must be in 1-{MAX_NEGATIVE_CONTROLS} per plate, "
+                            f"got {self.negative_controls}")
         for name, low, high in (("batch_effect", 0, 5), ("effect_size", 0, 5), ("effect_spread", 0, 1),
                                 ("cell_type_effect", 0, 1), ("morphology", 0, 3), ("missing_wells", 0, 0.5),
-                                ("pathway_weight", 0, 1)):
+                                ("pathway_weight", 0, 1), ("plate_effect", 0, 5)):
             if not low <= getattr(self, name) <= high:
                 raise DataError(f"{name} must be in {low}-{high}, got {getattr(self, name)}")
 
@@ -112,6 +120,10 @@ PRESETS = {
                         test_experiments=1, image_size=32),
     "small": SynthConfig(n_classes=32, n_positive=4, train_experiments=3, test_experiments=1, image_size=64),
     "medium": SynthConfig(n_classes=128, n_positive=8, train_experiments=4, test_experiments=2, image_size=128),
+    # The real plate: 1,108 treatments in 4 groups of 277, 30 positive controls, plate effects on; small
+    # images and few experiments so that it trains on 2 CPU cores.
+    "realsize": SynthConfig(n_classes=1108, n_positive=30, train_experiments=2, test_experiments=1, image_size=32,
+                            plate_effect=1.0),
 }
 
 
@@ -142,16 +154,28 @@ def design_plates(config: SynthConfig) -> tuple[pd.DataFrame, list[str]]:
                     group = groups[(plate - 1 + rotation) % 4]
                     wells = rng.choice(len(treatment_positions), size=len(group), replace=False)
                     present = rng.random(len(group)) >= config.missing_wells
+                    negatives = [NEGATIVE_POSITION] + _extra_negative_positions(config, experiment, plate,
+                                                                                treatment_positions)
                     for cls, w, keep in zip(rng.permutation(group), np.sort(wells), present):
-                        if keep:
+                        if keep and treatment_positions[w] not in negatives:
                             rows.append((experiment, plate, treatment_positions[w], split, "treatment", cls))
                     for k, cls in enumerate(controls):
                         rows.append((experiment, plate, CONTROL_POSITIONS[k], split, "positive_control", n + cls))
-                    rows.append((experiment, plate, NEGATIVE_POSITION, split, "negative_control", n + npos))
+                    rows += [(experiment, plate, w, split, "negative_control", n + npos) for w in negatives]
     wells = pd.DataFrame(rows, columns=["experiment", "plate", "well", "split", "well_type", "cls"])
     wells = wells.sort_values(["split", "experiment", "plate", "well"], kind="stable").reset_index(drop=True)
     wells.insert(0, "id_code", wells["experiment"] + "_" + wells["plate"].astype(str) + "_" + wells["well"])
     return wells, labels
+
+
+def _extra_negative_positions(config: SynthConfig, experiment: str, plate: int, positions: list[str]) -> list[str]:
+    """Wells of the negative controls beyond B02: random treatment positions (a treatment there is
+    displaced, as on the real plates). Their own random stream, so the rest of the design is unchanged."""
+    extra = config.negative_controls - 1
+    if extra == 0:
+        return []
+    rng = np.random.default_rng([config.seed, 10, *experiment.encode(), plate])
+    return [positions[k] for k in np.sort(rng.choice(len(positions), size=extra, replace=False))]
 
 
 def _class_labels(config: SynthConfig, rng: np.random.Generator) -> list[str]:
@@ -286,7 +310,11 @@ def class_effects(config: SynthConfig, cls: int, cell_type: str | None = None) -
         a = config.cell_type_effect
         direction = (1 - a) * direction + a * specific
         direction /= np.linalg.norm(direction)
-    z = direction * np.sqrt(EFFECT_DIMS) * strength
+    return _morphology_multipliers(direction * np.sqrt(EFFECT_DIMS) * strength)
+
+
+def _morphology_multipliers(z: np.ndarray) -> dict[str, float]:
+    """The multiplier of each morphology trait for a point ``z`` of the effect space."""
     return {
         "nucleus": float(np.exp(0.22 * z[0])),
         "cyto": float(np.exp(0.15 * z[1])),
@@ -328,10 +356,32 @@ def experiment_effects(config: SynthConfig, experiment: str) -> dict:
     }
 
 
-def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng: np.random.Generator) -> np.ndarray:
-    """One site as (6, S, S) uint8."""
+NO_PLATE_EFFECT = {"gain": np.ones(6), "offset": np.zeros(6), "blur": 0.0,
+                   "morphology": _morphology_multipliers(np.zeros(EFFECT_DIMS))}
+
+
+def plate_effects(config: SynthConfig, experiment: str, plate: int) -> dict:
+    """A plate's effects on top of its experiment's: a shift of morphology (every well of the plate moves
+    the same way, as a siRNA of strength ``0.3 * plate_effect`` would), per-channel gain and offset, and
+    focus (extra blur). ``plate_effect`` 0 gives exactly no effect."""
+    x = config.plate_effect
+    if x == 0:
+        return NO_PLATE_EFFECT
+    rng = np.random.default_rng([config.seed, 9, *experiment.encode(), plate])
+    return {
+        "gain": np.exp(rng.normal(0, 0.2 * x, 6)),
+        "offset": rng.normal(0, 4.0 * x, 6),
+        "blur": rng.uniform(0, 0.8 * x),
+        "morphology": _morphology_multipliers(_unit(rng) * np.sqrt(EFFECT_DIMS) * 0.3 * x),
+    }
+
+
+def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng: np.random.Generator,
+                plate: dict = NO_PLATE_EFFECT) -> np.ndarray:
+    """One site as (6, S, S) uint8: the cells of ``cls`` under the experiment's and the plate's effects."""
     s = config.image_size
-    traits, fx = cell_type_traits(config, cell_type), class_effects(config, cls, cell_type)
+    traits = cell_type_traits(config, cell_type)
+    fx = {k: v * plate["morphology"][k] for k, v in class_effects(config, cls, cell_type).items()}
     canvas = np.zeros((6, s, s), np.float32)
     zoom = np.sqrt(s / REFERENCE_SIZE)
     n_cells = rng.poisson(max(traits["cells"] * fx["density"] * batch["density"] * s / REFERENCE_SIZE, 0.5)) + 2
@@ -362,7 +412,7 @@ def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng:
         gy, gx = np.sin(g_angle) * r_nuc * 1.4, np.cos(g_angle) * r_nuc * 1.4
         patch[5] = np.exp(-((oy - gy) ** 2 + (ox - gx) ** 2) / (2 * (r_nuc * 0.45 * fx["golgi"]) ** 2)) + 0.1 * cyto
         _paste(canvas, patch * bright[:, None, None].astype(np.float32), int(cy), int(cx), half)
-    return _apply_batch(canvas, batch, rng)
+    return _apply_batch(canvas, batch, plate, rng)
 
 
 def _spots(rng, mean_count, radius, spot_radius, oy, ox) -> np.ndarray:
@@ -386,15 +436,17 @@ def _paste(canvas: np.ndarray, patch: np.ndarray, cy: int, cx: int, half: int) -
         canvas[:, y0 + ys:y0 + ye, x0 + xs:x0 + xe] += patch[:, ys:ye, xs:xe]
 
 
-def _apply_batch(canvas: np.ndarray, batch: dict, rng: np.random.Generator) -> np.ndarray:
+def _apply_batch(canvas: np.ndarray, batch: dict, plate: dict, rng: np.random.Generator) -> np.ndarray:
     s = canvas.shape[-1]
     lin = np.linspace(-1, 1, s, dtype=np.float32)
     gy, gx = np.meshgrid(lin, lin, indexing="ij")
     light = 1 + batch["tilt"][0] * gy + batch["tilt"][1] * gx - batch["vignette"] * (gy**2 + gx**2)
     image = canvas * np.clip(light, 0.2, None)
-    if batch["blur"] > 0.3:
-        image = np.stack([cv2.GaussianBlur(c, (0, 0), batch["blur"]) for c in image])
-    image = image * batch["gain"][:, None, None] + (BACKGROUND + batch["offset"])[:, None, None]
+    blur = float(np.hypot(batch["blur"], plate["blur"]))  # two Gaussian blurs in a row
+    if blur > 0.3:
+        image = np.stack([cv2.GaussianBlur(c, (0, 0), blur) for c in image])
+    gain = batch["gain"] * plate["gain"]
+    image = image * gain[:, None, None] + (BACKGROUND + batch["offset"] + plate["offset"])[:, None, None]
     image = image + rng.normal(0, batch["noise"], image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
@@ -415,13 +467,14 @@ def _render_wells(args) -> int:
 
 def _render_well(config: SynthConfig, out: Path, row: dict) -> int:
     batch = experiment_effects(config, row["experiment"])
+    plate = plate_effects(config, row["experiment"], int(row["plate"]))
     cell_type = row["experiment"].split("-")[0]
     top = "images" if config.layout == "wilds" else row["split"]
     folder = out / top / row["experiment"] / f"Plate{row['plate']}"
     folder.mkdir(parents=True, exist_ok=True)
     for site in (1, 2):
         rng = np.random.default_rng([config.seed, 4, *row["id_code"].encode(), site])
-        image = render_site(config, cell_type, int(row["cls"]), batch, rng)
+        image = render_site(config, cell_type, int(row["cls"]), batch, rng, plate)
         if config.layout == "wilds":  # the WILDS release ships Recursion's RGB composite of the 6 channels
             composite = to_rgb(image.transpose(1, 2, 0))
             cv2.imwrite(str(folder / f"{row['well']}_s{site}.png"), cv2.cvtColor(composite, cv2.COLOR_RGB2BGR))
