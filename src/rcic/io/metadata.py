@@ -76,6 +76,10 @@ def read_csv_strict(path: Path, columns: list[str], nrows: int | None = None) ->
         raise DataError("not a text CSV (not UTF-8)", path) from None
     except OSError as err:
         raise DataError(f"cannot read the file ({err.strerror or err})", path) from None
+    header = _header(path)
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # pandas would rename the second one (sirna.1) and use the first, without a word
+        raise DataError(f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header", path)
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -85,12 +89,20 @@ def read_csv_strict(path: Path, columns: list[str], nrows: int | None = None) ->
     return frame
 
 
+def _header(path: Path) -> list[str]:
+    """The column names of a CSV as written (stripped), before pandas renames repeated ones."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [name.strip() for name in next(csv.reader(f), [])]
+
+
 def _row(frame: pd.DataFrame, mask: pd.Series) -> int:
     """The 1-based line number (header = line 1) of the first row where ``mask`` holds."""
     return int(np.flatnonzero(mask.to_numpy())[0]) + 2
 
 
-def _check_wells(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+def _check_wells(frame: pd.DataFrame, path: Path, unique_ids: bool = True) -> pd.DataFrame:
     """Validate plate, well, experiment and id_code columns; return the frame with an integer plate."""
     plate = pd.to_numeric(frame["plate"], errors="coerce")
     bad = plate.isna() | ~plate.isin(range(1, N_PLATES + 1))
@@ -114,7 +126,7 @@ def _check_wells(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"id_code {frame['id_code'].iloc[i]!r} disagrees with its columns (expected "
                             f"{expected.iloc[i]!r}, row {i + 2})", path)
-        dup = frame["id_code"].duplicated()
+        dup = frame["id_code"].duplicated() if unique_ids else pd.Series(False, index=frame.index)
         if dup.any():
             raise DataError(f"duplicate id_code {frame['id_code'][dup].iloc[0]!r} (row {_row(frame, dup)})", path)
     return frame
@@ -154,7 +166,7 @@ def _check_spelling(frame: pd.DataFrame, layout: str, path: Path, column: str = 
                         f"rest of this {layout} data (mixed label spellings?)", path)
 
 
-def _check_label_roles(wells: pd.DataFrame, layout: str, root: Path) -> None:
+def _check_label_roles(wells: pd.DataFrame, layout: str, root: Path, file: Path | str | None = None) -> None:
     """A label names one kind of well, and (integer spellings) treatments come before the controls.
 
     In the 2019 numbering treatments are 0..1107 and controls 1108..1138, so a treatment label at
@@ -166,14 +178,14 @@ def _check_label_roles(wells: pd.DataFrame, layout: str, root: Path) -> None:
         label = kinds[kinds > 1].index[0]
         where = labelled[labelled["label"] == label].drop_duplicates("well_type")
         places = ", ".join(f"{t} in {s}" for t, s in zip(where["well_type"], where["source"]))
-        raise DataError(f"label {label!r} names different kinds of well ({places})", root)
+        raise DataError(f"label {label!r} names different kinds of well ({places})", file or root)
     treat = labelled["well_type"] == "treatment"
     if layout == "kaggle-2023":
         bad = treat & (labelled["label"] == NEGATIVE_2023)
         if bad.any():
             row = labelled[bad].iloc[0]
             raise DataError(f"treatment well {row['id_code']} has the negative-control label {NEGATIVE_2023}",
-                            root / row["source"])
+                            file or root / row["source"])
     if layout in ("kaggle-2019", "wilds") and (~treat).any() and treat.any():
         values = labelled["label"].astype(np.int64)
         first_control = int(values[~treat].min())
@@ -181,7 +193,7 @@ def _check_label_roles(wells: pd.DataFrame, layout: str, root: Path) -> None:
         if bad.any():
             row = labelled[bad].iloc[0]
             raise DataError(f"treatment label {row['label']!r} of well {row['id_code']} is outside the treatment "
-                            f"range of this data (controls start at {first_control})", root / row["source"])
+                            f"range of this data (controls start at {first_control})", file or root / row["source"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,35 +262,63 @@ def _read_release(root: Path, layout: str) -> pd.DataFrame:
     if label_column not in frame.columns:
         raise DataError(f"missing column {label_column} (the labels of the {layout} layout)", path)
     frame = _check_wells(frame, path)
-    site = pd.to_numeric(frame["site"], errors="coerce")
-    bad = site.isna() | ~site.isin(range(1, N_SITES + 1))
-    if bad.any():
-        raise DataError(f"site {frame['site'][bad].iloc[0]!r} outside 1-{N_SITES} (row {_row(frame, bad)})", path)
-    splits = WILDS_SPLITS if layout == "wilds" else ("train", "test")
-    bad = ~frame["dataset"].isin(splits)
-    if bad.any():
-        raise DataError(f"unknown dataset {frame['dataset'][bad].iloc[0]!r} (row {_row(frame, bad)}; expected "
-                        f"{' / '.join(splits)})", path)
-    bad = ~frame["well_type"].isin(WELL_TYPES)
-    if bad.any():
-        raise DataError(f"unknown well_type {frame['well_type'][bad].iloc[0]!r} (row {_row(frame, bad)})", path)
     sites = pd.DataFrame(
         {
             "id_code": frame["experiment"] + "_" + frame["plate"].astype(str) + "_" + frame["well"],
             "experiment": frame["experiment"],
             "plate": frame["plate"],
             "well": frame["well"],
-            "site": site.astype(int),
+            "site": frame["site"],
             "split": frame["dataset"],
             "well_type": frame["well_type"],
             "label": frame[label_column],
             "source": "metadata.csv",
         }
     )
-    labelled_split = sites["split"] != "test" if layout == "rxrx1" else pd.Series(True, index=sites.index)
-    missing = labelled_split & (sites["label"] == "")
+    sites = _check_sites(sites, layout, path, f"{label_column} label", "dataset")
+    return sites.drop(columns="source")
+
+
+def _check_sites(sites: pd.DataFrame, layout: str, path: Path | str, label_name: str = "label",
+                 split_name: str = "split") -> pd.DataFrame:
+    """The checks a site table passes wherever it comes from (a release's metadata.csv, a store's sites.csv).
+
+    Returns it with an integer ``site``. An experiment is in one split: a single row with another
+    ``dataset`` value is a typing error, and must not turn a full release into the WILDS layout.
+    """
+    site = pd.to_numeric(sites["site"], errors="coerce")
+    bad = site.isna() | ~site.isin(range(1, N_SITES + 1))
+    if bad.any():
+        raise DataError(f"site {sites['site'][bad].iloc[0]!r} outside 1-{N_SITES} (row {_row(sites, bad)})", path)
+    sites = sites.assign(site=site.astype(int))
+    splits = WILDS_SPLITS if layout == "wilds" else ("train", "test")
+    bad = ~sites["split"].isin(splits)
+    if bad.any():
+        raise DataError(f"unknown {split_name} {sites['split'][bad].iloc[0]!r} (row {_row(sites, bad)}; expected "
+                        f"{' / '.join(splits)})", path)
+    bad = ~sites["well_type"].isin(WELL_TYPES)
+    if bad.any():
+        raise DataError(f"unknown well_type {sites['well_type'][bad].iloc[0]!r} (row {_row(sites, bad)})", path)
+    if layout in ("rxrx1", "wilds"):
+        counts = sites.groupby(["experiment", "split"]).size()
+        mixed = counts.groupby(level="experiment").size() > 1
+        if mixed.any():
+            experiment = mixed[mixed].index[0]
+            mine = counts[experiment]
+            odd = mine.idxmin()
+            bad = (sites["experiment"] == experiment) & (sites["split"] == odd)
+            raise DataError(f"experiment {experiment} has {split_name} {odd!r} on {int(mine.min())} row(s) (first: "
+                            f"row {_row(sites, bad)}) and {mine.idxmax()!r} on {int(mine.max())}: an experiment is in "
+                            "one split", path)
+    if layout == "wilds":
+        needs_label = pd.Series(True, index=sites.index)
+    elif layout == "rxrx1":
+        needs_label = sites["split"] != "test"
+    else:  # Kaggle: only test treatment wells are unlabelled
+        needs_label = ~((sites["split"] == "test") & (sites["well_type"] == "treatment"))
+    missing = needs_label & (sites["label"] == "")
     if missing.any():
-        raise DataError(f"empty {label_column} label (row {_row(sites, missing)})", path)
+        raise DataError(f"empty {label_name} (row {_row(sites, missing)})", path)
     _check_spelling(sites, layout, path)
     dup = sites.duplicated(["id_code", "site"])
     if dup.any():
@@ -288,7 +328,24 @@ def _read_release(root: Path, layout: str) -> pd.DataFrame:
     if (kinds > 1).any(axis=None):
         raise DataError(f"the sites of well {kinds[(kinds > 1).any(axis=1)].index[0]!r} disagree on its split, "
                         "well type or label", path)
-    _check_label_roles(sites.drop_duplicates("id_code"), layout, root)
+    _check_label_roles(sites.drop_duplicates("id_code"), layout, Path(), file=path)
+    return sites
+
+
+def check_site_table(frame: pd.DataFrame, layout: str, path: Path | str) -> pd.DataFrame:
+    """A stored site table (``SITE_COLUMNS`` as strings, e.g. a packed store's ``sites.csv``), checked as the
+    CSVs it was made from; returned with integer ``plate`` and ``site``."""
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})", path)
+    if list(frame.columns) != SITE_COLUMNS:
+        raise DataError(f"columns {', '.join(map(str, frame.columns))} are not the site table's "
+                        f"({', '.join(SITE_COLUMNS)})", path)
+    frame = _check_wells(frame, path, unique_ids=False)
+    bad = frame["cell_type"] != frame["experiment"].str.split("-").str[0]
+    if bad.any():
+        raise DataError(f"cell_type {frame['cell_type'][bad].iloc[0]!r} disagrees with its experiment "
+                        f"(row {_row(frame, bad)})", path)
+    sites = _check_sites(frame.assign(source=str(path).rsplit("/", 1)[-1]), layout, path)
     return sites.drop(columns="source")
 
 
@@ -459,6 +516,14 @@ class Dataset:
             return self.submission_order
         wells = self.wells
         return wells.loc[(wells["split"] == "test") & (wells["well_type"] == "treatment"), "id_code"].tolist()
+
+    def check_trainable(self) -> None:
+        """Training needs labelled treatment wells; controls alone would make a model of 1 + 30 classes."""
+        wells = self.wells
+        if not ((wells["split"] == "train") & (wells["well_type"] == "treatment") & (wells["label"] != "")).any():
+            csv = Path(self.root) / "train.csv"
+            where = csv if "://" not in str(self.root) and csv.is_file() else self.root
+            raise DataError("no labelled treatment wells to train on (a train.csv with a header but no rows?)", where)
 
     def summary(self) -> dict:
         """Counts a user checks first (the keys of ``rcic info --json``)."""

@@ -44,6 +44,14 @@ def storage_options(url: str) -> dict:
     return dict(S3_OPTIONS) if url.startswith("s3://") else {}
 
 
+# the filesystem package fsspec needs for each scheme (an ImportError names it)
+PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class NotFound(DataError):
+    """A key or object that is not in the store (told apart by type, never by the words of a message)."""
+
+
 @contextmanager
 def remote_errors(url: str):
     """Translate what an object store says into one line naming the URL."""
@@ -51,8 +59,14 @@ def remote_errors(url: str):
         yield
     except DataError:
         raise
+    except ImportError:
+        scheme = str(url).split("://", 1)[0]
+        package = PACKAGES.get(scheme)
+        if package is None:
+            raise
+        raise DataError(f"{scheme}:// URLs need the {package} package: pip install {package}", url) from None
     except FileNotFoundError as err:
-        raise DataError(f"not found ({_first_line(err)})", url) from None
+        raise NotFound(f"not found ({_first_line(err)})", url) from None
     except PermissionError as err:
         raise DataError(f"access denied ({_first_line(err)})", url) from None
     except OSError as err:
@@ -63,19 +77,61 @@ def remote_errors(url: str):
         _translate(err, url)
 
 
+def _error_types() -> dict[str, tuple[type[BaseException], ...]]:
+    """The exception types of the storage libraries that are installed, by what they mean."""
+    kinds: dict[str, list[type[BaseException]]] = {"credentials": [], "unreachable": [TimeoutError, ConnectionError],
+                                                   "refused": []}
+    try:
+        import botocore.exceptions as boto
+
+        kinds["credentials"] += [boto.NoCredentialsError, boto.PartialCredentialsError,
+                                 boto.CredentialRetrievalError]
+        kinds["unreachable"] += [boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ReadTimeoutError,
+                                 boto.ConnectionClosedError, boto.ProxyConnectionError]
+        kinds["refused"] += [boto.ClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        kinds["unreachable"] += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError]
+        kinds["refused"] += [aiohttp.ClientResponseError]
+    except ImportError:
+        pass
+    try:
+        import google.auth.exceptions as google_auth
+
+        kinds["credentials"] += [google_auth.DefaultCredentialsError, google_auth.RefreshError]
+    except ImportError:
+        pass
+    return {k: tuple(v) for k, v in kinds.items()}
+
+
+def _chain(err: BaseException):
+    """The error and the errors it was raised from (s3fs wraps botocore's in an OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _translate(err: BaseException, url: str) -> NoReturn:
-    """botocore, aiohttp and gcsfs raise their own types: name what happened, or keep the original."""
-    name, text = type(err).__name__, _first_line(err)
-    if "NoCredentials" in name or "credentials" in text.lower():
-        raise DataError("no credentials for this object store (set them as the storage library reads them, "
-                        "e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)", url) from None
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        raise DataError("the bucket does not exist", url) from None
-    if any(k in name for k in ("EndpointConnection", "ConnectTimeout", "ClientConnector", "ConnectionError",
-                               "ReadTimeout")) or "connect" in text.lower():
-        raise DataError(f"cannot reach the object store ({name})", url) from None
-    if any(k in name for k in ("ClientError", "HTTP")):
-        raise DataError(f"the object store refused the request ({text})", url) from None
+    """Name what happened by the exception's type (and a client error's code), or keep the original."""
+    kinds = _error_types()
+    for cause in _chain(err):
+        if isinstance(cause, kinds["credentials"]):
+            raise DataError("no credentials for this object store (set them as the storage library reads them, "
+                            "e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)", url) from None
+        if isinstance(cause, kinds["unreachable"]):
+            raise DataError(f"cannot reach the object store ({type(cause).__name__})", url) from None
+        if isinstance(cause, kinds["refused"]):
+            code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+            if code == "NoSuchBucket":
+                raise DataError("the bucket does not exist", url) from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+                raise DataError(f"the object store refused the credentials ({code})", url) from None
+            raise DataError(f"the object store refused the request ({_first_line(cause)})", url) from None
     raise err
 
 
@@ -119,19 +175,52 @@ class Location:
         """A key's bytes (``start``/``end``: a byte range; negative ``start`` counts from the end)."""
         path = self.key(key)
         if not self.remote:
-            with open(path, "rb") as f:
-                if start is None:
-                    return f.read()
-                if start < 0:
-                    f.seek(start, os.SEEK_END)
-                    return f.read()
-                f.seek(start)
-                return f.read(end - start)
+            try:
+                with open(path, "rb") as f:
+                    if start is None:
+                        return f.read()
+                    if start < 0:  # a file shorter than asked for (a cut shard) gives fewer bytes, never EINVAL
+                        f.seek(max(0, os.fstat(f.fileno()).st_size + start))
+                        return f.read()
+                    f.seek(start)
+                    return f.read(end - start)
+            except (FileNotFoundError, NotADirectoryError):
+                raise FileNotFoundError(errno.ENOENT, "not found", str(path)) from None
+            except IsADirectoryError:
+                raise DataError("is a folder where the store holds a file: the store is damaged", path) from None
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise
+                raise DataError(f"cannot read ({err.strerror or err})", path) from None
         with remote_errors(str(path)):
             if start is not None and start < 0:
                 size = self.fs.size(path)
-                return self.fs.cat_file(path, start=size + start, end=size)
+                return self.fs.cat_file(path, start=max(0, size + start), end=size)
             return self.fs.cat_file(path, start=start, end=end)
+
+    def read_many(self, keys: list[str]) -> list[bytes | None]:
+        """Several keys whole (concurrently from an object store); None for a key that is not there."""
+        if not self.remote:
+            out = []
+            for key in keys:
+                try:
+                    out.append(self.read(key))
+                except FileNotFoundError:
+                    out.append(None)
+            return out
+        paths = [str(self.key(k)) for k in keys]
+        with remote_errors(str(self.root)):
+            got = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return") \
+                if paths else []
+            out = []
+            for value in got:
+                if isinstance(value, FileNotFoundError):
+                    out.append(None)
+                elif isinstance(value, BaseException):
+                    raise value
+                else:
+                    out.append(value)
+            return out
 
     def write(self, key: str, data: bytes) -> None:
         """Write a key whole (atomically: a local temp file renamed; an object PUT is atomic)."""

@@ -11,7 +11,16 @@ Layout of a store (a local folder, or an object-store URL such as ``s3://bucket/
   ``--skip-missing``.
 - ``sites.csv`` (the site table in store order), ``submission_order.csv``, ``missing.csv``.
 - attrs: ``rcic_store`` (format version), ``fingerprint`` of the source dataset and size,
-  ``layout``, ``size``, ``channels``, ``compression``, ``shard``, ``complete``.
+  ``layout``, ``size``, ``channels``, ``compression``, ``shard``, ``complete``, ``checksums``
+  (SHA-256 of each table and of each array's ``zarr.json``) and ``digest`` (SHA-256 of all the
+  other attributes).
+
+Nothing stored is trusted unchecked (format 3): every chunk of ``images``, ``stats`` and ``ok``
+carries a CRC-32C and must be there (a missing chunk is an error, never zeros); the tables and
+array metadata are checked against their SHA-256, the attributes against their digest, and the
+site table then passes the same validation as the CSVs it came from. A store of format 2 (rcic
+before these checks) is refused with a one-line message to pack it again: its ``ok`` flags and
+tables carry no checksum, so reading it would trust them unchecked.
 
 A pack runs in blocks (one shard each, or 32 sites unsharded); each block is written by one
 worker (no two workers touch one object), and its ``ok`` chunk is written last, so an ``ok``
@@ -39,11 +48,12 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from rcic.errors import DataError
 from rcic.io.images import load_site
-from rcic.io.metadata import Dataset, read_dataset
+from rcic.io.metadata import LAYOUTS, Dataset, check_site_table, read_dataset
 from rcic.parallel import imap_processes
-from rcic.store.location import Location, is_url, remote_errors
+from rcic.store.location import Location, NotFound, is_url, remote_errors
 
-STORE_VERSION = 2
+STORE_VERSION = 3
+ARRAYS = ("images", "stats", "ok")
 COMPRESSIONS = ("none", "lz4", "zstd")
 BLOCK = 32  # sites per pack task of an unsharded store
 DEFAULT_SHARD = 256
@@ -75,15 +85,61 @@ def _attrs(location: Location) -> dict | None:
     """The group attributes of a store's root, or None where there is no zarr group."""
     try:
         meta = json.loads(location.read("zarr.json"))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except (FileNotFoundError, NotFound):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError("zarr.json is not valid JSON: a damaged store", location.root) from None
-    except DataError as err:
-        if "not found" in str(err):
-            return None
-        raise
-    return meta.get("attributes", {}) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise DataError("zarr.json is not a zarr group's metadata: a damaged store", location.root)
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise DataError("zarr.json: its attributes are not a mapping: a damaged store", location.root)
+    return attrs
+
+
+def _digest(attrs: dict) -> str:
+    """SHA-256 of a store's attributes other than the digest itself (a changed flag or size is detected)."""
+    body = {k: v for k, v in attrs.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _seal(group, location: Location, **changes) -> None:
+    """Update the group's attributes and their digest in one write of ``zarr.json``."""
+    attrs = {**dict(group.attrs), **changes}
+    attrs["digest"] = _digest(attrs)
+    with remote_errors(str(location.root)):
+        group.attrs.put(attrs)
+
+
+_ATTR_TYPES = {"layout": str, "size": int, "channels": int, "compression": str, "shard": int, "complete": bool,
+               "checksums": dict, "fingerprint": str}
+
+
+def _check_attrs(attrs: dict, root) -> None:
+    """A store's attributes: this format, unchanged since written (digest), every key there with its type."""
+    version = attrs.get("rcic_store")
+    if version != STORE_VERSION:
+        if isinstance(version, int) and version < STORE_VERSION:
+            raise DataError(f"was packed by an older rcic (store format {version}), whose flags and tables carry no "
+                            "checksums: pack the data again into a new store (rcic pack DATA --out NEW)", root)
+        raise DataError(f"store format {version!r} is not one this rcic reads (format {STORE_VERSION}): a newer rcic "
+                        "or a damaged zarr.json", root)
+    if attrs.get("digest") != _digest(attrs):
+        raise DataError("zarr.json: the store's attributes changed since they were written (digest mismatch): the "
+                        "store is damaged; pack it again", root)
+    for key, kind in _ATTR_TYPES.items():
+        value = attrs.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"zarr.json: attribute {key} is {'missing' if value is None else repr(value)}: the store "
+                            "is damaged; pack it again", root)
+    if attrs["layout"] not in LAYOUTS or attrs["compression"] not in COMPRESSIONS or not 8 <= attrs["size"] <= 4096 \
+            or attrs["channels"] not in (3, 6) or attrs["shard"] < 1:
+        raise DataError("zarr.json: attributes out of range (layout, compression, size, channels or shard): the "
+                        "store is damaged; pack it again", root)
 
 
 def is_store(path: str | Path) -> bool:
@@ -214,9 +270,11 @@ def pack(
             finished += count
             if progress:
                 progress(finished, len(sites))
-        missing = _write_missing(location, sites)
-        with remote_errors(str(location.root)):
-            group.attrs["complete"] = True
+        missing, report = _write_missing(location, sites)
+        checksums = dict(group.attrs["checksums"])
+        if report is not None:
+            checksums["missing.csv"] = _sha256(report)
+        _seal(group, location, complete=True, checksums=checksums)
     return PackResult(location.root, len(sites), len(sites) - missing, missing, len(done))
 
 
@@ -231,6 +289,7 @@ def _open_or_create(location: Location, dataset: Dataset, size: int, compression
         raise DataError("exists and is not an rcic store; choose another --out", location.root)
     if attrs is None or (attrs.get("rcic_creating") and "rcic_store" not in attrs):
         return _create_store(location, dataset, size, compression, shard, fingerprint)
+    _check_attrs(attrs, location.root)
     if attrs.get("fingerprint") != fingerprint:
         raise DataError(f"holds another dataset or size (store of {attrs.get('source')} at {attrs.get('size')} px); "
                         "choose another --out or delete it", location.root)
@@ -255,32 +314,40 @@ def _create_store(location: Location, dataset: Dataset, size: int, compression: 
                            compressors=_compressors(compression), fill_value=0, overwrite=True)
         group.create_array("stats", shape=(n, c, 2), chunks=(block, c, 2), dtype="float32", fill_value=0.0,
                            compressors=[Crc32cCodec()], overwrite=True)
-        group.create_array("ok", shape=(n,), chunks=(block,), dtype="bool", fill_value=True, overwrite=True)
-        for stale in ("missing.csv",):
+        group.create_array("ok", shape=(n,), chunks=(block,), dtype="bool", fill_value=True,
+                           compressors=[Crc32cCodec()], overwrite=True)
+        for stale in ("missing.csv", "submission_order.csv"):
             location.delete(stale)
-        location.write("sites.csv", dataset.sites.to_csv(index=False).encode())
+        tables = {"sites.csv": dataset.sites.to_csv(index=False).encode()}
         if dataset.submission_order is not None:
-            location.write("submission_order.csv",
-                           ("id_code\n" + "\n".join(dataset.submission_order) + "\n").encode())
-        group.attrs.update({
-            "rcic_store": STORE_VERSION, "fingerprint": fingerprint, "layout": dataset.layout,
-            "source": str(Path(dataset.root).resolve()), "size": size, "channels": c, "compression": compression,
-            "shard": shard, "complete": False, "rcic_creating": False,
-        })
+            tables["submission_order.csv"] = ("id_code\n" + "\n".join(dataset.submission_order) + "\n").encode()
+        for name, data in tables.items():
+            location.write(name, data)
+        checksums = {name: _sha256(data) for name, data in tables.items()}
+        checksums.update({f"{a}/zarr.json": _sha256(location.read(f"{a}/zarr.json")) for a in ARRAYS})
+    _seal(group, location, rcic_store=STORE_VERSION, fingerprint=fingerprint, layout=dataset.layout,
+          source=str(Path(dataset.root).resolve()), size=size, channels=c, compression=compression, shard=shard,
+          complete=False, rcic_creating=False, checksums=checksums)
     return group
 
 
-def _write_missing(location: Location, sites: pd.DataFrame) -> int:
+def _write_missing(location: Location, sites: pd.DataFrame) -> tuple[int, bytes | None]:
     """``missing.csv`` from the blocks' failure records, written once at the end (linear in the blocks)."""
     rows = []
     for name in sorted(location.list("missing")):
         if name.endswith(".json"):
-            rows += json.loads(location.read(f"missing/{name}"))
+            try:
+                records = json.loads(location.read(f"missing/{name}"))
+                rows += [{k: r[k] for k in ("id_code", "site", "split", "index", "reason")} for r in records]
+            except (ValueError, TypeError, KeyError):
+                raise DataError(f"missing/{name} is damaged (a block's record of left-out sites); delete the store "
+                                "and pack again", location.root) from None
     if not rows:
-        return 0
+        return 0, None
     report = pd.DataFrame(rows, columns=["id_code", "site", "split", "index", "reason"]).sort_values("index")
-    location.write("missing.csv", report.to_csv(index=False).encode())
-    return len(report)
+    data = report.to_csv(index=False).encode()
+    location.write("missing.csv", data)
+    return len(report), data
 
 
 class _lock:
@@ -340,28 +407,112 @@ class PackedStore:
         attrs = _attrs(self.location)
         if attrs is None or "rcic_store" not in attrs:
             raise DataError("not an rcic packed store (run `rcic pack` first)", self.path)
-        if not attrs.get("complete"):
+        _check_attrs(attrs, self.path)
+        if not attrs["complete"]:
             raise DataError("store is incomplete (an interrupted pack): run the same `rcic pack` again "
                             "to resume", self.path)
-        self.size = int(attrs["size"])
+        self._checksums = attrs["checksums"]
+        self.size = attrs["size"]
         self.layout = attrs["layout"]
-        self.compression = attrs.get("compression", "none")
-        self.shard = int(attrs.get("shard", 1))
-        with remote_errors(str(self.path)):
-            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
-            ok = group["ok"][:]
-            sites = pd.read_csv(_bytes_io(self.location.read("sites.csv")), dtype=str, keep_default_na=False)
-        sites["plate"], sites["site"] = sites["plate"].astype(int), sites["site"].astype(int)
-        sites["store_index"] = np.arange(len(sites))
+        self.compression = attrs["compression"]
+        self.shard = attrs["shard"]
+        self.channels = attrs["channels"]
+        self._meta = {a: self._verified_json(f"{a}/zarr.json") for a in ARRAYS}
+        sites = self._site_table()
+        n = len(sites)
+        expected = {"images": [n, self.channels, self.size, self.size], "stats": [n, self.channels, 2], "ok": [n]}
+        for name, shape in expected.items():
+            if self._meta[name].get("shape") != shape:
+                raise DataError(f"{name}/zarr.json: shape {self._meta[name].get('shape')} does not match the store's "
+                                f"{n} sites ({shape}): the store is damaged; pack it again", self.path)
+        ok = self._read_checked_array("ok")
+        sites["store_index"] = np.arange(n)
         sites = sites[ok].reset_index(drop=True)
         order = None
-        if self.location.exists("submission_order.csv"):
-            order = pd.read_csv(_bytes_io(self.location.read("submission_order.csv")), dtype=str)["id_code"].tolist()
+        if "submission_order.csv" in self._checksums:
+            order = self._submission_order(sites)
         self.dataset = Dataset(root=self.path, layout=self.layout, sites=sites, submission_order=order)
         self._images = None
         self._reader = None
         self._index_cache: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
+
+    def _part(self, key: str) -> str | Path:
+        return self.location.key(key)
+
+    def _verified(self, key: str) -> bytes:
+        """A table or metadata file of the store, checked against the SHA-256 written with it."""
+        expected = self._checksums.get(key)
+        if not isinstance(expected, str):
+            raise DataError("has no checksum in zarr.json for this part: the store is damaged; pack it again",
+                            self._part(key))
+        try:
+            data = self.location.read(key)
+        except (FileNotFoundError, NotFound):
+            raise DataError("is missing from the store: the store is damaged; pack it again", self._part(key)) from None
+        if _sha256(data) != expected:
+            raise DataError("changed since it was packed (checksum mismatch; cut or edited?): the store is damaged; "
+                            "pack it again", self._part(key))
+        return data
+
+    def _verified_json(self, key: str) -> dict:
+        try:
+            meta = json.loads(self._verified(key))
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        if not isinstance(meta, dict):
+            raise DataError("is not a zarr array's metadata: the store is damaged; pack it again", self._part(key))
+        return meta
+
+    def _site_table(self) -> pd.DataFrame:
+        data = self._verified("sites.csv")
+        try:
+            frame = pd.read_csv(_bytes_io(data), dtype=str, keep_default_na=False)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError):
+            raise DataError("is not a readable CSV: the store is damaged; pack it again",
+                            self._part("sites.csv")) from None
+        return check_site_table(frame, self.layout, str(self._part("sites.csv")))
+
+    def _submission_order(self, sites: pd.DataFrame) -> list[str]:
+        where = self._part("submission_order.csv")
+        try:
+            order = pd.read_csv(_bytes_io(self._verified("submission_order.csv")), dtype=str,
+                                keep_default_na=False)["id_code"].tolist()
+        except (ValueError, KeyError, UnicodeDecodeError, pd.errors.ParserError):
+            raise DataError("is not a readable id_code table: the store is damaged; pack it again", where) from None
+        test = sites.loc[(sites["split"] == "test") & (sites["well_type"] == "treatment"), "id_code"]
+        if len(order) != len(set(order)) or not set(test) <= set(order):
+            raise DataError("does not list the store's test wells once each: the store is damaged; pack it again",
+                            where)
+        return order
+
+    def _read_checked_array(self, name: str) -> np.ndarray:
+        """A small array (``stats``, ``ok``) read chunk by chunk: every chunk there and its CRC-32C right."""
+        meta = self._meta[name]
+        dtype = {"float32": np.dtype("<f4"), "bool": np.dtype("?")}.get(meta.get("data_type"))
+        try:
+            codecs = [c["name"] for c in meta["codecs"]]
+            chunk = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        except (KeyError, TypeError):
+            codecs, chunk = [], []
+        shape = meta["shape"]
+        if dtype is None or codecs != ["bytes", "crc32c"] or len(chunk) != len(shape) or chunk[1:] != shape[1:] \
+                or not chunk or chunk[0] < 1:
+            raise DataError(f"{name}/zarr.json: not the checksummed layout rcic writes (pack it again)", self.path)
+        count = -(-shape[0] // chunk[0])
+        keys = [f"{name}/c/{i}" + "/0" * (len(shape) - 1) for i in range(count)]
+        size = int(np.prod(chunk)) * dtype.itemsize + 4
+        parts = []
+        for i, raw in enumerate(self.location.read_many(keys)):
+            first, last = i * chunk[0], min(shape[0], (i + 1) * chunk[0]) - 1
+            if raw is None:
+                raise DataError(f"{name} of sites {first}-{last} is missing from the store (chunk {keys[i]} is gone): "
+                                "the store is damaged; pack it again", self.path)
+            if len(raw) != size or google_crc32c.value(raw) != CRC32C_RESIDUE:
+                raise DataError(f"{name} of sites {first}-{last} changed since it was packed (checksum mismatch in "
+                                f"{keys[i]}): the store is damaged; pack it again", self.path)
+            parts.append(np.frombuffer(memoryview(raw)[:-4], dtype).reshape(chunk))
+        return np.concatenate(parts)[: shape[0]] if parts else np.zeros(shape, dtype)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -392,47 +543,49 @@ class PackedStore:
         """One site as (C, S, S) uint8; a missing or damaged chunk is a ``DataError`` naming it."""
         self._own_process()
         if self._reader is None:
-            self._reader = self._direct_reader() or self._zarr_read
+            self._reader = self._direct_reader()
         try:
             return self._reader(int(store_index))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotFound):
             raise DataError(f"{self._site_name(store_index)} is missing from the store (its chunk is gone): the "
                             "store is damaged; pack it again", self.path) from None
         except (ValueError, RuntimeError) as err:
             raise DataError(f"{self._site_name(store_index)} cannot be decoded ({str(err).splitlines()[0][:120]}): "
                             "the store is damaged; pack it again", self.path) from None
 
-    def _zarr_read(self, index: int) -> np.ndarray:
-        return self.images[index]
-
     def _direct_reader(self):
         """Read a site's chunk bytes and decode them in one call, skipping zarr's per-read machinery.
 
         zarr's generic read path costs ~0.4 ms per site, as much as decoding an LZ4 chunk; for the
         layouts rcic writes (one chunk per site, optionally in shards; bytes + blosc + crc32c) a
-        site is one chunk. Used only where it agrees with zarr on the first site.
+        site is one chunk, and zarr's own read would return zeros for a missing one. Checked
+        against zarr's read on the first site; any other layout is refused (rcic writes none).
         """
-        meta = json.loads(self.location.read("images/zarr.json"))
-        codecs = meta.get("codecs", [])
-        shape = meta["shape"]
-        channels = shape[1]
-        sharded = bool(codecs) and codecs[0]["name"] == "sharding_indexed"
-        if sharded:
-            config = codecs[0]["configuration"]
-            inner = [c["name"] for c in config["codecs"]]
-            shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-            if config.get("index_location", "end") != "end" or config["chunk_shape"][0] != 1:
-                return None
-            index_crc = [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
-        else:
-            inner = [c["name"] for c in codecs]
-            shard, index_crc = 1, False
-            if meta["chunk_grid"]["configuration"]["chunk_shape"][0] != 1:
-                return None
-        if inner not in (["bytes"], ["bytes", "blosc"], ["bytes", "crc32c"], ["bytes", "blosc", "crc32c"]):
-            return None
+        meta = self._meta["images"]
+        unknown = DataError("images/zarr.json: not a layout rcic writes (pack the data again)", self.path)
+        try:
+            codecs = meta.get("codecs", [])
+            shape = meta["shape"]
+            channels = shape[1]
+            sharded = bool(codecs) and codecs[0]["name"] == "sharding_indexed"
+            if sharded:
+                config = codecs[0]["configuration"]
+                inner = [c["name"] for c in config["codecs"]]
+                shard = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+                if config.get("index_location", "end") != "end" or config["chunk_shape"][0] != 1:
+                    raise unknown
+                index_crc = [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
+            else:
+                inner = [c["name"] for c in codecs]
+                shard, index_crc = 1, False
+                if meta["chunk_grid"]["configuration"]["chunk_shape"][0] != 1:
+                    raise unknown
+        except (KeyError, TypeError, IndexError, AttributeError):
+            raise unknown from None
+        if inner not in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"]) or not index_crc and sharded:
+            raise unknown
         if meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/":
-            return None
+            raise unknown
         blosc, crc = "blosc" in inner, "crc32c" in inner
         site_shape = (channels, self.size, self.size)
         location = self.location
@@ -443,6 +596,8 @@ class PackedStore:
                 n = shard  # the index covers the whole shard grid, also for the last, partial shard
                 size = n * 16 + (4 if index_crc else 0)
                 raw = location.read(f"images/c/{shard_no}/0/0/0", start=-size)
+                if len(raw) != size:
+                    raise ValueError(f"shard {shard_no} is cut short ({len(raw)} bytes, less than its index)")
                 body = raw[:-4] if index_crc else raw
                 if index_crc and _crc32c(body) != raw[-4:]:
                     raise ValueError("checksum mismatch in the shard index")
@@ -476,15 +631,15 @@ class PackedStore:
             return read
         try:
             agrees = np.array_equal(read(probe), self.images[probe])
-        except (FileNotFoundError, ValueError, RuntimeError):
+        except (FileNotFoundError, NotFound, ValueError, RuntimeError):
             return read  # the probed site is damaged: the direct path reports it, site by site
-        return read if agrees else None
+        if not agrees:  # a bug of rcic or zarr, not of the user's data
+            raise RuntimeError(f"{self.path}: the direct chunk read disagrees with zarr's on site #{probe}")
+        return read
 
     def channel_stats(self) -> np.ndarray:
         """(n_sites, C, 2) per-channel mean and std of each packed site, in site-table order."""
-        with remote_errors(str(self.path)):
-            group = zarr.open_group(self.location.zarr_store(read_only=True), mode="r")
-            stats = group["stats"][:]
+        stats = self._read_checked_array("stats")
         return stats[self.dataset.sites["store_index"].to_numpy()]
 
     def nbytes_stored(self) -> int:
