@@ -10,13 +10,24 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path (same folder, same suffix); on success it replaces ``path``."""
+    """Yield a temporary path (same folder, same suffix); on success it replaces ``path``.
+
+    An output that is a symbolic link is written through: the file it points to is replaced (in its
+    own folder, so the rename stays atomic) and the link is kept, as ``>`` in a shell would do.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        # a failed write() names no file ("File too large", "Invalid argument"): name the output, not the temp
+        if err.filename is None or str(err.filename) == str(tmp):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -34,6 +34,10 @@ Tta = Annotated[int, typer.Option("--tta", help="D4 transforms averaged: 1, 2, 4
 Checkpoint = Annotated[str, typer.Option("--checkpoint", help="best, last, or a checkpoint path")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Wells per batch (2 sites each)", min=1)]
 Workers = Annotated[int, typer.Option("--workers", help="DataLoader workers", min=0)]
+AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (the run's model.adabn), none, plate "
+                                                    "or experiment (statistics of each domain's own wells)")]
+Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
+                                                        "assignment: none or sinkhorn")]
 Devices = Annotated[str, typer.Option("--devices", help="Devices (GPUs, or CPU processes) for DDP")]
 Precision = Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
                                                             "precision")]
@@ -297,12 +301,13 @@ def train(
     pseudo_fraction: Annotated[float, typer.Option(help="Fraction of test wells to pseudo-label")] = 0.5,
 ) -> None:
     """Train a model on held-out experiments with a YAML recipe (Lightning: checkpoints, resume, DDP)."""
-    from rcic.config import load_recipe
+    from rcic.config import check_pretrained_file, load_recipe
 
     overrides = list(set_ or [])
     if devices is not None:
         overrides.append(f"trainer.devices={devices}")
     recipe_ = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is reported at once
+    check_pretrained_file(recipe_)
     check_output(out, [data, pseudo, recipe], folder=True)
     _quiet_lightning()
     from rcic.store import open_source
@@ -310,6 +315,7 @@ def train(
     from rcic.training.fit import is_child_rank
 
     source = open_source(data)
+    source.dataset.check_trainable()
     extra = None
     if pseudo is not None:
         from rcic.predict import load_logits
@@ -342,6 +348,7 @@ def predict(
     embeddings: Annotated[bool, typer.Option(help="Also store the pooled features")] = False,
     devices: Devices = "1",
     precision: Precision = "auto",
+    adabn: AdaBN = "recipe",
 ) -> None:
     """Well logits averaged over both sites, D4 TTA and all given runs (Lightning Trainer.predict)."""
     from rcic.predict import predict as run_predict
@@ -352,11 +359,13 @@ def predict(
     if out.suffix != ".npz":
         raise RcicError("logits files end in .npz", out)
     check_output(out, [data, *runs, None if checkpoint in ("best", "last") else checkpoint])
+    _devices(devices)  # checked before a model is loaded
+    _precision(precision)
     _quiet_lightning()
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update,
-                             devices=_devices(devices), precision=precision)
+                             devices=_devices(devices), precision=precision, adabn=adabn)
     if logits is None or is_child_rank():
         return
     save_logits(out, logits)
@@ -365,7 +374,26 @@ def predict(
 
 
 def _devices(text: str) -> int | str:
-    return int(text) if str(text).isdigit() else text
+    """--devices: a count (>= 1), auto, or a comma-separated list of device indices (0,1)."""
+    text = str(text).strip()
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    if text == "auto" or (text and "," in text and all(p.strip().isdigit() for p in text.split(","))):
+        return text
+    raise RcicError(f"--devices must be a number of devices (1, 2, ...), auto, or a list of device indices "
+                    f"(0,1), got {text!r}")
+
+
+def _precision(text: str) -> str:
+    """--precision: one of the recipe's precisions (trainer.precision), checked before a model is loaded."""
+    from typing import get_args
+
+    from rcic.config import TrainerConfig
+
+    choices = get_args(TrainerConfig.model_fields["precision"].annotation)
+    if text not in choices:
+        raise RcicError(f"--precision must be one of {', '.join(choices)}, got {text!r}")
+    return text
 
 
 def _pct(value) -> str:
@@ -385,15 +413,22 @@ def evaluate(
     devices: Devices = "1",
     precision: Precision = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    adabn: AdaBN = "recipe",
+    balance: Balance = "none",
 ) -> None:
     """Well-level accuracy (arg-max and plate leak), overall, per cell type and per experiment."""
     import pandas as pd
 
+    from rcic.assign import BALANCES
     from rcic.predict import predict as run_predict
     from rcic.store import open_source
     from rcic.submit import evaluate_logits
     from rcic.training.fit import is_child_rank
 
+    if balance not in BALANCES:
+        raise RcicError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    _devices(devices)  # checked before a model is loaded
+    _precision(precision)
     _quiet_lightning()
     source = open_source(data)
     wilds = source.dataset.layout == "wilds"
@@ -402,10 +437,11 @@ def evaluate(
                         "or score a test submission with rcic score --answers", data)
     with progress_bar(f"evaluate {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, False, update,
-                             devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds)
+                             devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds,
+                             adabn=adabn)
     if logits is None or is_child_rank():
         return
-    result = evaluate_logits(source.dataset, logits)
+    result = evaluate_logits(source.dataset, logits, balance)
     if as_json:
         print(json.dumps(result))
         return
@@ -429,16 +465,20 @@ def submit(
     logits: Annotated[list[Path], typer.Option(help="Logits .npz (repeat to average an ensemble)")],
     out: Annotated[Path, typer.Option(help="Submission CSV to write")],
     no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
+    balance: Balance = "none",
 ) -> None:
     """Write id_code,sirna for every well: plate-leak assignment (default) or arg-max; validated first."""
 
+    from rcic.assign import BALANCES
     from rcic.predict import average_logits
     from rcic.store import open_source
     from rcic.submit import make_submission, write_submission
 
+    if balance not in BALANCES:
+        raise RcicError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     check_output(out, [data, *logits])
     dataset = open_source(data).dataset
-    result = make_submission(dataset, average_logits(logits), leak=not no_leak)
+    result = make_submission(dataset, average_logits(logits), leak=not no_leak, balance=balance)
     write_submission(out, result)
     _table("Experiments" + (" (plate leak)" if not no_leak else " (arg-max)"), result.experiments)
     for note in result.notes:
@@ -502,6 +542,7 @@ def embed(
     if out.suffix != ".parquet":
         raise RcicError("embeddings are written as parquet: give a file name ending in .parquet", out)
     check_output(out, [data, *runs])
+    _devices(devices)
     _quiet_lightning()
     from rcic.predict import predict as run_predict
     from rcic.profiles import embedding_frame, write_embeddings
@@ -563,6 +604,51 @@ def map_(
 
     _table("Phenomic map", scores_table(result.scores).fillna(pd.NA).astype(object).where(lambda f: f.notna(), "-"))
     console.print(f"report: [bold]{out / 'map.html'}[/]")
+
+
+benchmark_app = typer.Typer(no_args_is_help=True, help="The field's published benchmarks as one command.")
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@benchmark_app.command("rxrx3-core")
+def benchmark_rxrx3_core(
+    metadata: Annotated[Path, typer.Option(help="metadata_rxrx3_core.csv as downloaded")],
+    embeddings: Annotated[Path, typer.Option(help="Embeddings parquet keyed by well_id (feature_* or emb_*)")],
+    out: Annotated[Path, typer.Option(help="Report folder (index.html, recall.csv, scores.json)")],
+    correct: Annotated[list[str] | None, typer.Option(help="Correction (repeat): pca-centerscale (published), none, "
+                                                           "center, standardize, tvn, spherize, harmony")] = None,
+    sources: Annotated[list[str] | None, typer.Option("--source", help="Relationship source (repeat): corum, humap, "
+                                                                        "reactome, signor, stringdb or a CSV file "
+                                                                        "(entity1,entity2); default: the five")] = None,
+    compound_genes: Annotated[Path | None, typer.Option(help="Compound-gene ground truth (EFAAR's "
+                                                             "compound_gene_interactions.csv)")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds of the compound-gene benchmark's negative draws", min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print scores.json's object")] = False,
+) -> None:
+    """Recursion's RxRx3-core benchmarks (EFAAR): known-relationship recall, compound-gene AP and AUC."""
+    from rcic.reports.eda import check_report_folder
+    from rcic.rxrx3.benchmark import run_benchmark
+    from rcic.rxrx3.relationships import SOURCES
+    from rcic.rxrx3.report import recall_wide, write_report
+
+    check_output(out, [metadata, embeddings, compound_genes], folder=True)
+    check_report_folder(out)
+    with progress_bar("benchmark") as update:
+        result = run_benchmark(metadata, embeddings, list(dict.fromkeys(correct or ["pca-centerscale"])),
+                               list(sources or SOURCES), compound_genes, seeds,
+                               notify=lambda line: err_console.print(line, highlight=False), progress=update)
+    write_report(out, result)
+    if as_json:
+        print(json.dumps(result.scores))
+        return
+    for line in result.notes:
+        console.print(f"[yellow]{line}[/]")
+    _table(f"Known-relationship recall ({result.scores['dataset']['map_entities']} entities, chance "
+           f"{next(iter(result.scores['chance'].values())):.2f})", recall_wide(result).fillna("-").astype(object))
+    for method, frame in result.compound_gene.items():
+        _table(f"Compound-gene, {method} (mean over {seeds} seeds)",
+               frame[["concentration", "ap", "ap_random", "auc", "auc_random"]].astype(object))
+    console.print(f"best correction: [bold]{result.scores['best_correction']}[/]; report: [bold]{out / 'index.html'}[/]")
 
 
 # ----------------------------------------------------------------------------------------------

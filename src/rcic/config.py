@@ -27,7 +27,19 @@ RESUMABLE_CHANGES = ("trainer.devices", "trainer.num_nodes", "data.num_workers",
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity anywhere: `optim.lr: .inf` is refused here, not found by the optimiser
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value, info):
+        # pydantic reads true as 1 for an int field: `data.batch_size: true` would train with batches of 1
+        if isinstance(value, bool) and "bool" not in str(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number or a name, not true/false")
+        return value
+
+
+SEED_MAX = 2**32 - 1  # what numpy and Lightning accept as a seed
 
 
 def _cross(key: str, message: str) -> PydanticCustomError:
@@ -38,16 +50,20 @@ def _cross(key: str, message: str) -> PydanticCustomError:
 class DataConfig(_Strict):
     split: Literal["folds", "wilds"] = Field(
         "folds", description="folds: K folds of the labelled experiments; wilds: the WILDS release's own split")
-    split_seed: int = Field(0, description="Decides the folds (independent of seed: a seed ensemble holds out "
-                                           "the same experiments)")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX,
+                            description="Decides the folds (independent of seed: a seed ensemble holds out "
+                                        "the same experiments)")
     folds: int = Field(4, ge=2, le=20)
     fold: int | Literal["all"] = Field(0, description="Held-out fold, or all: train on every labelled experiment")
     image_size: int | None = Field(None, ge=16, le=1024, description="Model input size; None = as stored")
     classes: Literal["treatments", "treatments+controls"] = "treatments"
-    normalization: Literal["none", "image", "experiment", "experiment_controls", "plate"] = "image"
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
-    num_workers: int = Field(2, ge=0)
+    normalization: Literal["none", "image", "experiment", "experiment_controls", "plate", "plate_controls"] = "image"
+    sampler: Literal["random", "experiment", "plate"] = Field(
+        "random", description="random: shuffled sites; plate / experiment: every training batch from one plate "
+                              "(one experiment), deterministic from seed and epoch")
+    batch_size: int = Field(32, ge=1, le=65536)
+    eval_batch_size: int | None = Field(None, ge=1, le=65536)
+    num_workers: int = Field(2, ge=0, le=256)
 
     @field_validator("fold")
     @classmethod
@@ -72,6 +88,11 @@ class ModelConfig(_Strict):
     neck: NeckConfig = NeckConfig()
     cell_type_embedding: int = Field(0, ge=0, description="Size of a learned cell-type embedding (0 = off)")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    adabn: Literal["none", "plate", "experiment"] = Field(
+        "none", description="Domain BatchNorm: statistics recomputed per plate / experiment of the wells being "
+                            "validated or predicted")
+    center_embeddings: Literal["none", "plate", "experiment"] = Field(
+        "none", description="Subtract the plate's / experiment's mean embedding before the head")
 
 
 class LossConfig(_Strict):
@@ -112,25 +133,26 @@ class AugmentConfig(_Strict):
 
 class OptimConfig(_Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    accumulate: int = Field(1, ge=1)
+    accumulate: int = Field(1, ge=1, le=4096)
     grad_clip: float | None = Field(None, gt=0.0)
     freeze_backbone_epochs: int = Field(0, ge=0)
 
 
 class TrainerConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=100_000)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     monitor: Literal["val/acc", "val/acc_leak", "val/loss"] = Field(
         "val/acc", description="The validation number that picks best.ckpt")
     val_every_n_steps: int | None = Field(None, ge=1)
     checkpoint_every_n_steps: int | None = Field(None, ge=1, description="Refresh last.ckpt every N steps too")
     image_size_schedule: dict[int, int] | None = None
-    limit_train_batches: int | float | None = None
+    limit_train_batches: int | float | None = Field(
+        None, description="Batches per epoch: a count (>= 1) or a fraction of the epoch (0-1]")
     keep_epoch_checkpoints: int | None = Field(None, ge=1, description="Keep the N latest per-epoch files")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
@@ -141,14 +163,32 @@ class TrainerConfig(_Strict):
     @field_validator("image_size_schedule")
     @classmethod
     def _sizes(cls, value):
-        if value is not None and (0 not in value or any(s < 16 for s in value.values())):
-            raise ValueError("needs an entry for epoch 0 and sizes >= 16")
+        if value is not None and (0 not in value or any(s < 16 or s > 1024 for s in value.values())
+                                  or any(e < 0 for e in value)):
+            raise ValueError("needs an entry for epoch 0, epochs >= 0 and sizes in 16-1024")
+        return value
+
+    @field_validator("limit_train_batches", mode="before")
+    @classmethod
+    def _limit(cls, value):
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1) or (
+                isinstance(value, float) and not 0 < value <= 1):
+            raise ValueError("must be a number of batches (>= 1) or a fraction of the epoch in (0, 1]")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value):
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError("must be a number of devices (>= 1) or auto")
         return value
 
 
 class Recipe(_Strict):
     name: str = "recipe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -171,6 +211,13 @@ class Recipe(_Strict):
             raise _cross("optim.freeze_backbone_epochs",
                          f"{self.optim.freeze_backbone_epochs} leaves no epoch to train the backbone "
                          f"(trainer.epochs {self.trainer.epochs})")
+        if self.model.center_embeddings != "none" and d.sampler == "random":
+            raise _cross("model.center_embeddings", f"{self.model.center_embeddings} centres each training batch "
+                         "by its domains' means and needs domain batches: set data.sampler to plate or experiment")
+        m = self.model
+        if "none" not in (m.adabn, m.center_embeddings) and m.adabn != m.center_embeddings:
+            raise _cross("model.adabn", f"{m.adabn} with model.center_embeddings: {m.center_embeddings}: both go "
+                         "domain by domain and must name the same domain")
         if self.augment.cutmix + self.augment.mixup > 1:
             raise _cross("augment.cutmix", "augment.cutmix + augment.mixup must not exceed 1")
         return self
@@ -201,14 +248,78 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; more is not a recipe
+MAX_YAML_NODES = 100_000  # nodes after anchors are expanded: an alias bomb is refused before it is built
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key written twice in one mapping (the last would win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping itself reports it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes in the document once every alias is expanded (shared nodes are counted once per use)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself (a recursive alias) is too large
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
+
+
+def safe_yaml(text: str):
+    """YAML as plain data: no tags that run code, no key written twice, no alias bomb, no huge document."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise yaml.YAMLError(f"{len(text):,} characters; a recipe is at most {MAX_RECIPE_BYTES:,}")
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} values once its anchors (&) and aliases (*) are "
+                                 "expanded (an alias bomb?)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong and on which line, without PyYAML's multi-line excerpt of the text."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem:
+        return " ".join(str(err).split())[:300]
+    return problem if mark is None or "line" in problem else f"{problem} at line {mark.line + 1}"
+
+
 def _parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise RecipeError(f"--set expects key=value, got {item!r}")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set {key}: value {text!r} is not valid YAML") from err
+        raise RecipeError(f"--set {key}: value {text!r} is not valid YAML ({_yaml_problem(err)})") from None
     if not key.strip():
         raise RecipeError(f"--set expects key=value, got {item!r}")
     return key.strip(), value
@@ -252,6 +363,8 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
         return path
     if path.is_dir():
         raise RecipeError("is a folder, not a recipe file", path)
+    if path.exists():
+        raise RecipeError("is not a regular file (a FIFO, socket or device): not a recipe", path)
     shipped = RECIPE_DIR / f"{Path(str(recipe)).stem}.yaml"
     if shipped.is_file() and not path.parent.name:
         return shipped
@@ -262,6 +375,8 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
 def read_recipe_file(path: Path) -> dict:
     """The YAML mapping of a recipe file; unreadable, non-UTF-8 or non-mapping content is a one-line error."""
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path.stat().st_size:,} bytes: not a recipe (a recipe is a short YAML file)", path)
         text = path.read_bytes().decode("utf-8")
     except PermissionError:
         raise RecipeError("cannot read the file (permission denied)", path) from None
@@ -270,9 +385,11 @@ def read_recipe_file(path: Path) -> dict:
     except UnicodeDecodeError:
         raise RecipeError("not a text file (not UTF-8): a recipe is a YAML file", path) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_yaml(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})", path) from None
+        raise RecipeError(f"not valid YAML ({_yaml_problem(err)})", path) from None
+    except RecursionError:
+        raise RecipeError("not valid YAML (nested too deeply)", path) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -290,6 +407,36 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Recip
         _apply_override(raw, key, value)
         set_keys[key] = item
     return _validate(raw, str(path), set_keys)
+
+
+def check_pretrained_file(recipe: Recipe) -> None:
+    """``model.pretrained_file``, where set, is a weights file (safetensors, or torch's zip format), checked
+    before torch is imported: a missing or junk file is one line that names it, not a loader's traceback."""
+    name = recipe.model.pretrained_file
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    key = "recipe key model.pretrained_file"
+    if not path.exists():
+        raise RecipeError(f"{key}: file not found", path)
+    if not path.is_file():
+        raise RecipeError(f"{key}: is not a regular file", path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (.pth, .bin, .pt)
+                return
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = json.loads(f.read(length)) if 2 <= length <= min(size - 8, 100 << 20) else None
+    except PermissionError:
+        raise RecipeError(f"{key}: cannot read the file (permission denied)", path) from None
+    except OSError as err:
+        raise RecipeError(f"{key}: cannot read the file ({err.strerror or err})", path) from None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise RecipeError(f"{key}: not a weights file (safetensors, or a torch .pth/.bin in zip format)", path)
 
 
 def recipe_from_dict(raw: dict, source: str = "checkpoint") -> Recipe:

@@ -29,6 +29,10 @@ RGB_MAP = {
 }
 
 cv2.setNumThreads(1)  # decoding runs in DataLoader / pack workers: one thread each
+# rcic reports a bad image itself, in one line; OpenCV's own log lines would come before it on stderr
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_SIDE = 8192  # RxRx1's sites are 512 px; a larger header is a damaged or foreign file, refused before decoding
 
 
 def parse_id_code(id_code: str) -> tuple[str, int, str]:
@@ -65,9 +69,23 @@ def site_png_path(root: str | Path, id_code: str, site: int, channel: int | None
 
 
 def read_png(path: Path, colour: bool = False) -> np.ndarray:
-    """One channel as (H, W) uint8 (``colour``: an RGB image as (H, W, 3)); a clear error names a bad file."""
+    """One channel as (H, W) uint8 (``colour``: an RGB image as (H, W, 3)); a clear error names a bad file.
+
+    The header is checked before decoding (a PNG, at most ``MAX_SIDE`` pixels a side), and only a
+    regular file is opened (a FIFO would block). A 16-bit PNG whose values fit in 8 bits (8-bit data
+    stored wide) is read as it is; one with larger values is refused rather than rescaled, because no
+    single scale is right for every channel of a site.
+    """
+    import stat
+
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError("is not a regular file (a FIFO, socket or device): not an image", path)
+        with open(path, "rb") as f:
+            raw = np.frombuffer(f.read(), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError("channel image not found", path) from None
     except PermissionError:
@@ -76,11 +94,24 @@ def read_png(path: Path, colour: bool = False) -> np.ndarray:
         raise DataError("is a folder, not an image", path) from None
     except OSError as err:
         raise DataError(f"cannot read the image ({err.strerror or err})", path) from None
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    head = raw[:33].tobytes()
+    if len(head) < 33 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        raise DataError("not a readable PNG image (corrupt, truncated or another format)", path)
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise DataError(f"PNG header claims {width} x {height} pixels; rcic reads sites of at most {MAX_SIDE} px a "
+                        "side (RxRx1's are 512): a damaged or foreign file", path)
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError("not a readable PNG image (corrupt or truncated)", path)
-    if image.dtype == np.uint16:  # some re-exports are 16-bit; keep rcic's uint8 contract
-        image = (image >> 8).astype(np.uint8)
+    if image.dtype == np.uint16:
+        top = int(image.max())
+        if top > 255:
+            raise DataError(f"16-bit PNG with values up to {top}: rcic reads 8-bit intensities (RxRx1's PNGs are "
+                            "8-bit); convert the images to 8-bit", path)
+        image = image.astype(np.uint8)  # 8-bit values stored wide: the same intensities
+    elif image.dtype != np.uint8:
+        raise DataError(f"PNG of {image.dtype} pixels: rcic reads 8-bit images", path)
     if colour:
         if image.ndim == 2:
             raise DataError("expected a colour (RGB) image, found a single channel", path)

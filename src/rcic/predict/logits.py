@@ -41,17 +41,22 @@ def load_logits(path: str | Path) -> Logits:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError("logits file not found" if not path.exists() else "is not a file", path)
+        raise DataError("logits file not found" if not path.exists() else "is not a regular file", path)
     if path.stat().st_size == 0:
         raise DataError("empty file (0 bytes): not a logits file", path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise DataError("a single .npy array, not an .npz logits archive (id_code, logits, classes)", path)
+        _check_npz_headers(path)
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, "files"):
                 raise ValueError("a single array, not an .npz archive")
             data = {k: f[k] for k in f.files}
     except PermissionError:
         raise DataError("cannot read the file (permission denied)", path) from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as err:
         raise DataError(f"not a readable .npz logits file (truncated or another format: {type(err).__name__})",
                         path) from None
     missing = [k for k in ("id_code", "logits", "classes") if k not in data]
@@ -65,9 +70,43 @@ def load_logits(path: str | Path) -> Logits:
     if not np.isfinite(logits).all():
         bad = ids[~np.isfinite(logits).all(axis=1)][0]
         raise DataError(f"NaN or infinite logits (first at well {bad})", path)
+    with np.errstate(over="ignore"):
+        single = logits.astype(np.float32)
+    if not np.isfinite(single).all():
+        bad = ids[~np.isfinite(single).all(axis=1)][0]
+        raise DataError(f"logits too large for float32 (first at well {bad}; |value| above 3.4e38)", path)
     if len(set(ids)) != len(ids):
-        raise DataError("duplicate id_code in logits", path)
-    return Logits(ids, logits.astype(np.float32), classes.tolist(), data)
+        first = next(i for i in ids if (ids == i).sum() > 1)
+        raise DataError(f"duplicate id_code {first!r} in logits", path)
+    if len(set(classes)) != len(classes):
+        first = next(c for c in classes if (classes == c).sum() > 1)
+        raise DataError(f"class {first!r} appears twice in the logits' classes: a label must name one column", path)
+    return Logits(ids, single, classes.tolist(), data)
+
+
+MAX_ARRAY_BYTES = 16 << 30  # far above any RxRx1 logits or embeddings (~62,755 wells x 1139 classes)
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Each array's header, read before numpy allocates it: a shape its stored bytes cannot hold is refused."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            if dtype.hasobject:
+                raise DataError(f"array {info.filename[:-4]} holds Python objects: not a logits file", path)
+            count = int(np.prod(shape, dtype=object))
+            nbytes = count * dtype.itemsize
+            if nbytes > info.file_size or nbytes > MAX_ARRAY_BYTES:
+                raise DataError(f"array {info.filename[:-4]} claims shape {tuple(shape)} ({nbytes:,} bytes), more than "
+                                f"its {info.file_size:,} stored bytes: a damaged or forged file", path)
 
 
 def average_logits(paths: list[str | Path]) -> Logits:

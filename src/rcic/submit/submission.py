@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rcic.assign import assign_plates, choose_rotations, pseudo_labels, treatment_log_probs
+from rcic.assign import BALANCES, assign_plates, choose_rotations, pseudo_labels, treatment_log_probs
 from rcic.atomic import atomic_write_text
 from rcic.errors import DataError
 from rcic.io.metadata import Dataset
@@ -34,7 +34,13 @@ def _wells_for(dataset: Dataset, logits: Logits) -> tuple[pd.DataFrame, bool]:
         raise DataError(f"{len(unknown)} logits ids are not wells of this data (first {unknown[0]!r})",
                         dataset.root)
     test_ids = dataset.test_ids
-    is_test = set(logits.id_code) <= set(test_ids)
+    test_set = set(test_ids)
+    is_test = set(logits.id_code) <= test_set
+    outside = [i for i in logits.id_code if i not in test_set]
+    if not is_test and len(outside) < len(logits.id_code):  # a test submission must never carry another well
+        raise DataError(f"logits mix {len(logits.id_code) - len(outside)} test wells with {len(outside)} wells that "
+                        f"are not test treatment wells (first {outside[0]!r}): predict --split test for a "
+                        "submission", dataset.root)
     if is_test:
         if len(logits.id_code) != len(test_ids):
             raise DataError(f"logits cover {len(logits.id_code)} of the {len(test_ids)} test wells", dataset.root)
@@ -48,8 +54,15 @@ def _wells_for(dataset: Dataset, logits: Logits) -> tuple[pd.DataFrame, bool]:
     return wells.loc[order].reset_index(), is_test
 
 
-def make_submission(dataset: Dataset, logits: Logits, leak: bool = True) -> Submission:
-    """Labels for every well of ``logits``: plate-leak assignment, or plain arg-max (``leak=False``)."""
+def make_submission(dataset: Dataset, logits: Logits, leak: bool = True, balance: str = "none") -> Submission:
+    """Labels for every well of ``logits``: plate-leak assignment, or plain arg-max (``leak=False``).
+
+    ``balance``: ``sinkhorn`` balances each plate's probabilities before its assignment.
+    """
+    if balance not in BALANCES:
+        raise DataError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if balance != "none" and not leak:
+        raise DataError(f"--balance {balance} balances the plates before the plate assignment; --no-leak has none")
     vocab = dataset.vocab
     unknown = [c for c in logits.classes if c not in set(vocab.labels)]
     if unknown:
@@ -71,7 +84,7 @@ def make_submission(dataset: Dataset, logits: Logits, leak: bool = True) -> Subm
         leak = False
     if leak:
         choices = choose_rotations(wells, log_probs, classes, groups)
-        assigned = assign_plates(wells, log_probs, classes, groups, choices)
+        assigned = assign_plates(wells, log_probs, classes, groups, choices, balance)
         summary = pd.DataFrame([{
             "experiment": c.experiment, "wells": c.wells, "order": "".join(str(g) for g in c.order),
             "rotation": "-" if c.rotation is None else c.rotation, "confidence": round(c.margin, 4),
