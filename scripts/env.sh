@@ -21,6 +21,9 @@ _rcic_setup() {
     echo "installing rcic and its pinned dependencies into .venv (first run only)" >&2
     "$RCIC_ROOT/.venv/bin/python" -m pip install -qq --upgrade pip &&
       "$RCIC_ROOT/.venv/bin/python" -m pip install -qq -e "$RCIC_ROOT[dev]" || return 1
+    # the gene relationships of `rcic benchmark rxrx3-core` / `rcic map --relationships corum`: data files
+    # only, so without its declared dependencies (they would replace pinned ones)
+    "$RCIC_ROOT/.venv/bin/python" -m pip install -qq --no-deps efaar-benchmarking==1.0 || return 1
     rm -f "$RCIC_ROOT"/.venv/.rcic-installed-* && touch "$stamp"
   fi
   export PATH="$RCIC_ROOT/.venv/bin:$PATH"

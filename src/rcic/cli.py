@@ -305,6 +305,7 @@ def train(
 
     overrides = list(set_ or [])
     if devices is not None:
+        _devices(devices)  # the option's own message, not one about a --set the user never typed
         overrides.append(f"trainer.devices={devices}")
     recipe_ = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is reported at once
     check_pretrained_file(recipe_)
@@ -647,8 +648,9 @@ def benchmark_rxrx3_core(
            f"{next(iter(result.scores['chance'].values())):.2f})", recall_wide(result).fillna("-").astype(object))
     for method, frame in result.compound_gene.items():
         _table(f"Compound-gene, {method} (mean over {seeds} seeds)",
-               frame[["concentration", "ap", "ap_random", "auc", "auc_random"]].astype(object))
-    console.print(f"best correction: [bold]{result.scores['best_correction']}[/]; report: [bold]{out / 'index.html'}[/]")
+               frame[["concentration", "ap", "ap_random", "auc", "auc_random"]].astype({"concentration": str}))
+    console.print(f"best correction: [bold]{result.scores['best_correction']}[/]; "
+                  f"report: [bold]{out / 'index.html'}[/]")
 
 
 # ----------------------------------------------------------------------------------------------
