@@ -9,7 +9,7 @@ import pandas as pd
 
 from rcic.io import load_site, read_dataset
 from rcic.synth import generate, preset
-from tests.conftest import run_cli
+from tests.conftest import need_real_images, run_cli
 
 
 def _digest(folder):
@@ -94,16 +94,16 @@ def test_plate_effect_scales_each_channel_by_the_plates_gain():
     assert plate_effects(preset("tiny"), "RPE-01", 1) is NO_PLATE_EFFECT  # strength 0: no plate effect at all
     effects = [plate_effects(config, "RPE-01", p) for p in range(1, 5)]
     assert len({tuple(np.round(e["gain"], 6)) for e in effects}) == 4  # every plate its own gains
-    # the same cells (same random stream, no camera noise) on plate 2, on it with a gain of 1, and with a gain of 0
-    batch = {**experiment_effects(config, "RPE-01"), "noise": 0.0}
-    plate = effects[1]
+    # the same cells (same random stream, no camera noise, no offsets) on plate 2, and on it with a gain of 1
+    batch = {**experiment_effects(config, "RPE-01"), "noise": 0.0, "offset": np.zeros(6)}
+    plate = {**effects[1], "offset": np.zeros(6)}
 
     def channel_means(gain):
         site = render_site(config, "RPE", 3, batch, np.random.default_rng(7), {**plate, "gain": gain})
         return site.reshape(6, -1).mean(axis=1)
 
-    with_gain, unit, dark = channel_means(plate["gain"]), channel_means(np.ones(6)), channel_means(np.zeros(6))
-    np.testing.assert_allclose(with_gain - dark, plate["gain"] * (unit - dark), atol=0.3)
+    with_gain, unit = channel_means(plate["gain"]), channel_means(np.ones(6))
+    np.testing.assert_allclose(with_gain, plate["gain"] * unit, atol=0.3)  # up to rounding to grey levels
     assert np.abs(with_gain - unit).max() > 1  # the gains are large enough to see
 
 
@@ -122,3 +122,27 @@ def test_realsize_preset_has_the_real_plate_layout(tmp_path):
     controls = pd.read_csv(tmp_path / "train_controls.csv")
     assert set(controls.loc[controls.well_type == "negative_control", "sirna"]) == {1138}
     assert set(controls.loc[controls.well_type == "positive_control", "sirna"]) == set(range(1108, 1138))
+
+
+def test_channel_intensities_match_the_real_pngs_of_each_cell_type(tmp_path):
+    from rcic.synth.intensity import STATISTICS, channel_statistics, real_channel_planes
+
+    real: dict[str, dict[int, list]] = {}  # cell type -> channel -> statistics of every real PNG
+    for cell_type, _, _, channel, plane in real_channel_planes(need_real_images()):
+        real.setdefault(cell_type, {}).setdefault(channel, []).append(channel_statistics(plane[None])[0])
+    # the real PNGs are negative controls (B02): compare like with like, without batch effects (they come on top)
+    config = preset("tiny", n_classes=4, n_positive=1, cell_types=tuple(sorted(real)), train_experiments=1,
+                    image_size=48, negative_controls=3, batch_effect=0.0)
+    data = generate(tmp_path / "d", config)
+    sites = read_dataset(data).sites.query("well_type == 'negative_control'")
+    for cell_type, by_channel in real.items():
+        synthetic = np.median([channel_statistics(load_site(data, row.id_code, row.site))
+                               for row in sites[sites.cell_type == cell_type].itertuples()], axis=0)
+        for channel, stats in by_channel.items():
+            stats = np.array(stats)
+            # the spread between the real sites, widened for quantisation and for the few cells of a 48 px site
+            slack = np.maximum(np.median(stats, axis=0) * 0.15, [1.5, 1.5, 1.5, 1.5, 0.005])
+            low, high = stats.min(axis=0) - slack, stats.max(axis=0) + slack
+            inside = (low <= synthetic[channel - 1]) & (synthetic[channel - 1] <= high)
+            assert inside.all(), (f"{cell_type} w{channel}: synthetic {dict(zip(STATISTICS, synthetic[channel - 1]))}"
+                                  f" outside real {dict(zip(STATISTICS, zip(low, high)))}")

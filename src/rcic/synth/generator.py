@@ -26,6 +26,7 @@ release instead (metadata.csv, 3-channel composite PNGs, sirna_id labels, train/
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -40,6 +41,7 @@ import pandas as pd
 from rcic.errors import DataError
 from rcic.io.images import to_rgb
 from rcic.parallel import imap_processes
+from rcic.synth.intensity import QUANTILES, REAL_QUANTILES, strictly_increasing, tone_map
 
 ROWS = "BCDEFGHIJKLMNO"
 COLS = range(2, 24)
@@ -54,8 +56,10 @@ CELL_TYPE_TRAITS = {
     "RPE": dict(nucleus=0.055, cyto=2.1, elong=1.30, cells=10, bright=(1.0, 1.0, 1.0, 1.1, 1.0, 1.0)),
     "U2OS": dict(nucleus=0.060, cyto=2.0, elong=1.20, cells=9, bright=(1.2, 0.8, 1.1, 0.9, 1.1, 1.2)),
 }
+# Relative brightness of the compartments in the renderer's own units; grey levels come from the tone
+# curves matched to the real channels (``rcic.synth.intensity``).
 BASE_INTENSITY = np.array([120.0, 45.0, 40.0, 60.0, 90.0, 100.0])
-BACKGROUND = np.array([8.0, 14.0, 22.0, 15.0, 10.0, 12.0])
+BACKGROUND_TEXTURE = 0.02  # faint out-of-focus background, as a share of BASE_INTENSITY
 # Larger images show more, slightly larger cells: nucleus radius grows with sqrt(size), so a 512 px
 # site holds ~8x the cells of a 64 px one (about 80-110, as in the real images).
 REFERENCE_SIZE = 64
@@ -342,17 +346,18 @@ def cell_type_traits(config: SynthConfig, cell_type: str) -> dict:
 
 
 def experiment_effects(config: SynthConfig, experiment: str) -> dict:
-    """Batch effects: per-channel gain/offset, illumination, focus, density."""
+    """Batch effects: per-channel gain and offset (a share of the channel's background level, so a dark
+    channel stays dark), illumination, focus, density, and the camera's shot noise."""
     rng = np.random.default_rng([config.seed, 3, *experiment.encode()])
     b = config.batch_effect
     return {
         "gain": np.exp(rng.normal(0, 0.35 * b, 6)),
-        "offset": rng.uniform(0, 18 * b, 6),
+        "offset": rng.uniform(-0.3 * b, 0.3 * b, 6),
         "tilt": rng.normal(0, 0.25 * b, 2),
         "vignette": rng.uniform(0, 0.35 * b),
         "blur": rng.uniform(0.0, 1.2 * b),
         "density": float(np.exp(rng.normal(0, 0.2 * b))),
-        "noise": rng.uniform(1.5, 4.0),
+        "noise": rng.uniform(0.05, 0.2),  # standard deviation per sqrt(grey level)
     }
 
 
@@ -370,7 +375,7 @@ def plate_effects(config: SynthConfig, experiment: str, plate: int) -> dict:
     rng = np.random.default_rng([config.seed, 9, *experiment.encode(), plate])
     return {
         "gain": np.exp(rng.normal(0, 0.2 * x, 6)),
-        "offset": rng.normal(0, 4.0 * x, 6),
+        "offset": rng.normal(0, 0.2 * x, 6),  # a share of the channel's background level
         "blur": rng.uniform(0, 0.8 * x),
         "morphology": _morphology_multipliers(_unit(rng) * np.sqrt(EFFECT_DIMS) * 0.3 * x),
     }
@@ -378,41 +383,78 @@ def plate_effects(config: SynthConfig, experiment: str, plate: int) -> dict:
 
 def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng: np.random.Generator,
                 plate: dict = NO_PLATE_EFFECT) -> np.ndarray:
-    """One site as (6, S, S) uint8: the cells of ``cls`` under the experiment's and the plate's effects."""
+    """One site as (6, S, S) uint8: the cells of ``cls`` under the experiment's and the plate's effects, in
+    grey levels matched to the real channels of ``cell_type``."""
+    raw = _render_raw(config, cell_type, cls, batch, plate, rng)
+    grey = tone_map(raw, raw_knots(config, cell_type), cell_type)
+    return _camera(grey, cell_type, batch, plate, rng)
+
+
+@lru_cache(maxsize=32)
+def raw_knots(config: SynthConfig, cell_type: str) -> np.ndarray:
+    """(6, len(QUANTILES)) raw values of the negative control of ``cell_type`` at each of QUANTILES.
+
+    Measured on reference sites rendered at the config's image size under experiment effects drawn as
+    the real experiments' are (no gain, offset or noise: those act on grey levels), so the tone curve
+    raw knot -> real grey level matches the real channels whatever the size or the knobs.
+    """
+    n_sites = int(np.clip(2**16 // config.image_size**2, 8, 32))
+    negative = config.n_classes + config.n_positive
+    per_site = []
+    for k in range(n_sites):
+        batch = experiment_effects(config, f"{cell_type}-reference-{k}")
+        rng = np.random.default_rng([config.seed, 11, *cell_type.encode(), k])
+        raw = _render_raw(config, cell_type, negative, batch, NO_PLATE_EFFECT, rng).reshape(6, -1)
+        per_site.append(np.quantile(raw, QUANTILES, axis=1).T)
+    # the median site, as REAL_QUANTILES is: a monotone curve maps the median site's raw quantiles to the
+    # median real site's grey levels
+    return strictly_increasing(np.median(per_site, axis=0))
+
+
+def _render_raw(config: SynthConfig, cell_type: str, cls: int, batch: dict, plate: dict,
+                rng: np.random.Generator) -> np.ndarray:
+    """The cells of one site in the renderer's units, under the illumination and focus of experiment and plate."""
     s = config.image_size
     traits = cell_type_traits(config, cell_type)
     fx = {k: v * plate["morphology"][k] for k, v in class_effects(config, cls, cell_type).items()}
     canvas = np.zeros((6, s, s), np.float32)
     zoom = np.sqrt(s / REFERENCE_SIZE)
     n_cells = rng.poisson(max(traits["cells"] * fx["density"] * batch["density"] * s / REFERENCE_SIZE, 0.5)) + 2
-    r_nuc = traits["nucleus"] * REFERENCE_SIZE * zoom * fx["nucleus"]
-    r_cyto = r_nuc * traits["cyto"] * fx["cyto"]
+    r_nuc = float(traits["nucleus"] * REFERENCE_SIZE * zoom * fx["nucleus"])
+    r_cyto = float(r_nuc * traits["cyto"] * fx["cyto"])
     bright = BASE_INTENSITY * np.array(traits["bright"])
     half = int(np.ceil(r_cyto * traits["elong"] * fx["elong"] * 1.6)) + 2
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float32)
     for _ in range(n_cells):
-        cy, cx = rng.uniform(0, s, 2)
-        theta = rng.uniform(0, np.pi)
-        elong = traits["elong"] * fx["elong"] * rng.uniform(0.85, 1.15)
-        size = rng.uniform(0.85, 1.15)
+        # Python floats, so that the patch is computed in float32 (a NumPy float64 scalar would promote it)
+        cy, cx = (float(v) for v in rng.uniform(0, s, 2))
+        theta = float(rng.uniform(0, np.pi))
+        elong = float(traits["elong"] * fx["elong"] * rng.uniform(0.85, 1.15))
+        size = float(rng.uniform(0.85, 1.15))
         oy, ox = yy - (cy % 1), xx - (cx % 1)
-        u = ox * np.cos(theta) + oy * np.sin(theta)
-        v = -ox * np.sin(theta) + oy * np.cos(theta)
-        d_nuc = np.sqrt((u / (r_nuc * size * np.sqrt(elong))) ** 2 + (v * np.sqrt(elong) / (r_nuc * size)) ** 2)
+        u = ox * math.cos(theta) + oy * math.sin(theta)
+        v = -ox * math.sin(theta) + oy * math.cos(theta)
+        d_nuc = np.sqrt((u / (r_nuc * size * math.sqrt(elong))) ** 2 + (v * math.sqrt(elong) / (r_nuc * size)) ** 2)
         d_cyto = np.sqrt((u / (r_cyto * size * elong)) ** 2 + (v / (r_cyto * size)) ** 2)
         nucleus = np.exp(-(d_nuc**4))
         cyto = np.exp(-(d_cyto**2) * 1.5) * (1 - 0.7 * nucleus)
         patch = np.zeros((6, *yy.shape), np.float32)
-        patch[0] = nucleus * rng.uniform(0.8, 1.2)
+        patch[0] = nucleus * float(rng.uniform(0.8, 1.2))
         patch[1] = cyto * fx["er_ratio"] * (0.6 + 0.4 * np.exp(-((d_nuc - 1.3) ** 2) * 4))
         patch[2] = np.exp(-(((d_cyto - 0.9) / 0.18) ** 2)) * fx["actin"] * 0.8 + 0.15 * cyto
         patch[3] = 0.25 * cyto + _spots(rng, 3 * fx["nucleoli"], r_nuc * size * 0.6, r_nuc * 0.18, oy, ox)
         patch[4] = 0.15 * cyto + _spots(rng, 10 * fx["mito"], r_cyto * size * 0.8, r_nuc * 0.12, oy, ox) * cyto
-        g_angle = theta + rng.normal(0, 0.4)
-        gy, gx = np.sin(g_angle) * r_nuc * 1.4, np.cos(g_angle) * r_nuc * 1.4
+        g_angle = theta + float(rng.normal(0, 0.4))
+        gy, gx = math.sin(g_angle) * r_nuc * 1.4, math.cos(g_angle) * r_nuc * 1.4
         patch[5] = np.exp(-((oy - gy) ** 2 + (ox - gx) ** 2) / (2 * (r_nuc * 0.45 * fx["golgi"]) ** 2)) + 0.1 * cyto
         _paste(canvas, patch * bright[:, None, None].astype(np.float32), int(cy), int(cx), half)
-    return _apply_batch(canvas, batch, plate, rng)
+    return _optics(canvas + _background(rng, s) * bright[:, None, None].astype(np.float32), batch, plate)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A faint, smooth, uneven background (out-of-focus debris and autofluorescence), the same in every channel."""
+    field = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), max(size / 16, 1.0))
+    return BACKGROUND_TEXTURE * (1 + np.clip(field / (field.std() + 1e-6), -2, 2) * 0.4)
 
 
 def _spots(rng, mean_count, radius, spot_radius, oy, ox) -> np.ndarray:
@@ -422,9 +464,9 @@ def _spots(rng, mean_count, radius, spot_radius, oy, ox) -> np.ndarray:
         return out
     r = radius * np.sqrt(rng.uniform(0, 1, count))
     a = rng.uniform(0, 2 * np.pi, count)
-    for py, px in zip(r * np.sin(a), r * np.cos(a)):
-        out += np.exp(-((oy - py) ** 2 + (ox - px) ** 2) / (2 * max(spot_radius, 0.6) ** 2))
-    return out
+    py, px = (r * np.sin(a)).astype(np.float32)[:, None, None], (r * np.cos(a)).astype(np.float32)[:, None, None]
+    width = float(2 * max(spot_radius, 0.6) ** 2)
+    return np.exp(-((oy - py) ** 2 + (ox - px) ** 2) / width).sum(axis=0)
 
 
 def _paste(canvas: np.ndarray, patch: np.ndarray, cy: int, cx: int, half: int) -> None:
@@ -436,7 +478,8 @@ def _paste(canvas: np.ndarray, patch: np.ndarray, cy: int, cx: int, half: int) -
         canvas[:, y0 + ys:y0 + ye, x0 + xs:x0 + xe] += patch[:, ys:ye, xs:xe]
 
 
-def _apply_batch(canvas: np.ndarray, batch: dict, plate: dict, rng: np.random.Generator) -> np.ndarray:
+def _optics(canvas: np.ndarray, batch: dict, plate: dict) -> np.ndarray:
+    """Uneven illumination and focus (blur) of the experiment and the plate."""
     s = canvas.shape[-1]
     lin = np.linspace(-1, 1, s, dtype=np.float32)
     gy, gx = np.meshgrid(lin, lin, indexing="ij")
@@ -445,9 +488,17 @@ def _apply_batch(canvas: np.ndarray, batch: dict, plate: dict, rng: np.random.Ge
     blur = float(np.hypot(batch["blur"], plate["blur"]))  # two Gaussian blurs in a row
     if blur > 0.3:
         image = np.stack([cv2.GaussianBlur(c, (0, 0), blur) for c in image])
+    return image
+
+
+def _camera(grey: np.ndarray, cell_type: str, batch: dict, plate: dict, rng: np.random.Generator) -> np.ndarray:
+    """Exposure (gain), background offset and shot noise of the experiment and the plate, then 8 bits."""
+    background = REAL_QUANTILES[cell_type][:, int(np.searchsorted(QUANTILES, 0.05))]
     gain = batch["gain"] * plate["gain"]
-    image = image * gain[:, None, None] + (BACKGROUND + batch["offset"] + plate["offset"])[:, None, None]
-    image = image + rng.normal(0, batch["noise"], image.shape)
+    offset = (batch["offset"] + plate["offset"]) * background
+    image = grey * gain[:, None, None].astype(np.float32) + offset[:, None, None].astype(np.float32)
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * np.sqrt(np.maximum(image, 0))
+    image = image + np.float32(batch["noise"]) * noise
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
