@@ -1,27 +1,32 @@
 """The contract, everywhere: bad input is one line on stderr and exit 2 (Ctrl-C 130), never a traceback,
 never a silently wrong result, and files that existed before are left exactly as they were.
 
-The table drives the installed ``rcic`` command, as a careless or hostile user would.
+The table drives the ``rcic`` command line as a careless or hostile user would: in this process (its own
+``main`` and error handling), or as a process where only a process shows it (a library writing to stderr).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from rcic.io import read_dataset
 from rcic.predict import Logits, load_logits, save_logits
+from tests.conftest import run_cli
 
 RCIC = str(Path(sys.executable).with_name("rcic"))
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -43,6 +48,7 @@ class Case:
     make: Callable[[Path, dict], list]  # (case folder, fixtures) -> arguments of rcic
     message: str
     code: int = 2
+    process: bool = False  # run as a process: what a library prints on stderr shows only there
 
 
 def _edit(path: Path, old: str, new: str, count: int = 1) -> None:
@@ -106,6 +112,173 @@ def _file(name: str, content: bytes = b"x"):
     return make
 
 
+# --- stores whose parts are damaged (each a copy of the tiny store) -----------------------------------------
+
+def _store(change, command: str = "info"):
+    def make(folder, fx):
+        store = Path(shutil.copytree(fx["store"], folder / "s.zarr"))
+        change(store)
+        if command == "rgb":
+            return ["rgb", store, "--id", "HEPG2-01_1_B02", "--out", folder / "x.png"]
+        return ["info", store]
+    return make
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_attrs(store: Path, change) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    change(meta["attributes"])
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def _older_store(attrs: dict) -> None:
+    attrs["rcic_store"] = 2
+    for key in ("digest", "checksums"):
+        attrs.pop(key)
+
+
+def _sites_label_99999(store: Path) -> None:
+    lines = (store / "sites.csv").read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if ",train,treatment," in line)
+    lines[row] = lines[row].rsplit(",", 1)[0] + ",99999"
+    (store / "sites.csv").write_text("\n".join(lines) + "\n")
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+def _one_site(folder: Path, fx: dict, channel: int, change) -> list:
+    """The tiny CSVs and the six PNGs of HEPG2-01_1_B02 site 1, one of them changed; rgb of that site."""
+    data = _kaggle(folder, fx)
+    plate = data / "train" / "HEPG2-01" / "Plate1"
+    plate.mkdir(parents=True)
+    for c in range(1, 7):
+        shutil.copy(fx["data"] / "train" / "HEPG2-01" / "Plate1" / f"B02_s1_w{c}.png", plate / f"B02_s1_w{c}.png")
+    change(plate / f"B02_s1_w{channel}.png")
+    return ["rgb", data, "--id", "HEPG2-01_1_B02", "--out", folder / "x.png"]
+
+
+def _huge_header(png: Path) -> None:
+    data = bytearray(png.read_bytes())
+    data[16:24] = (60000).to_bytes(4, "big") * 2
+    png.write_bytes(bytes(data))
+
+
+def _wide_values(png: Path) -> None:
+    import cv2
+
+    cv2.imwrite(str(png), cv2.imread(str(png), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 256)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _release(folder: Path, fx: dict, change) -> list:
+    """The tiny data as the full RxRx1 release's metadata.csv (one row per site), changed by ``change``."""
+    sites = read_dataset(fx["data"]).sites
+    frame = pd.DataFrame({"experiment": sites.experiment, "plate": sites.plate, "well": sites.well,
+                          "site": sites.site, "well_type": sites.well_type, "dataset": sites.split,
+                          "sirna": sites.label, "sirna_id": sites.label})  # the real release has both
+    change(frame)
+    (folder / "release").mkdir()
+    frame.to_csv(folder / "release" / "metadata.csv", index=False)
+    return ["info", folder / "release"]
+
+
+def _fifo_csv(folder, fx):
+    data = _kaggle(folder, fx)
+    _fifo(data / "test.csv")
+    return ["info", data]
+
+
+def _one_val_row(folder, fx):
+    def change(frame):
+        frame.loc[5, "dataset"] = "val"
+    return _release(folder, fx, change)
+
+
+def _header_only_train(folder, fx):
+    data = _kaggle(folder, fx)
+    (data / "train.csv").write_text((data / "train.csv").read_text().splitlines()[0] + "\n")
+    return ["train", "--data", data, "--recipe", "cpu-demo", "--out", folder / "r"]
+
+
+def _recipe(text: str):
+    def make(folder, fx):
+        (folder / "r.yaml").write_text(text)
+        return ["train", "--data", fx["store"], "--recipe", folder / "r.yaml", "--out", folder / "r"]
+    return make
+
+
+def _alias_bomb() -> str:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _train_set(*items: str):
+    return lambda d, fx: ["train", "--data", fx["store"], "--recipe", "cpu-demo", "--out", d / "r",
+                          *[a for item in items for a in ("--set", item)]]
+
+
+def _submit_logits(change):
+    def make(folder, fx):
+        full = load_logits(fx["test_logits"])
+        arrays = change(full, folder, fx)
+        if arrays is not None:
+            np.savez(folder / "l.npz", **arrays)
+        return ["submit", "--data", fx["store"], "--logits", folder / "l.npz", "--out", folder / "s.csv"]
+    return make
+
+
+def _repeated_class(full, folder, fx):
+    classes = list(full.classes)
+    classes[1] = classes[0]
+    save_logits(folder / "l.npz", Logits(full.id_code, full.logits, classes))
+
+
+def _with_a_train_well(full, folder, fx):
+    ds = read_dataset(fx["data"])
+    train_well = ds.wells[(ds.wells.split == "train") & (ds.wells.well_type == "treatment")].id_code.iloc[0]
+    save_logits(folder / "l.npz", Logits(np.append(full.id_code, train_well),
+                                         np.vstack([full.logits, full.logits[:1]]), full.classes))
+
+
+def _too_large(full, folder, fx):
+    return {"id_code": full.id_code, "logits": full.logits.astype(np.float64) * 1e300, "classes": full.classes}
+
+
+def _forged_header(full, folder, fx):
+    """An .npz whose logits header claims 10^15 values over a few stored bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3), np.float32))
+    raw = buffer.getvalue()
+    length = int.from_bytes(raw[8:10], "little")
+    header = raw[10:10 + length].decode("latin1")
+    forged = header.replace("(2, 3)", "(1000000000, 1000000)")
+    forged = forged[:-1].rstrip(" ").ljust(length - 1) + "\n"
+    with zipfile.ZipFile(folder / "l.npz", "w") as archive:
+        archive.writestr("logits.npy", raw[:10] + forged.encode("latin1") + raw[10 + length:])
+        for name, value in (("id_code", full.id_code), ("classes", np.asarray(full.classes))):
+            member = io.BytesIO()
+            np.save(member, value)
+            archive.writestr(f"{name}.npy", member.getvalue())
+
+
+def _bare_npy(full, folder, fx):
+    with open(folder / "l.npz", "wb") as f:
+        np.save(f, full.logits)
+
+
 CASES = [
     # usage
     Case("unknown option", lambda d, fx: ["train", "--bogus"], "No such option: --bogus"),
@@ -164,6 +337,58 @@ CASES = [
                                                    d / "x.png"], "in none of this data's metadata"),
     Case("evaluate the unlabelled test split", lambda d, fx: ["evaluate", fx["run"], "--data", fx["store"],
                                                               "--split", "test"], "no label"),
+    # everything in a store is checked (issue 17)
+    Case("store: ok chunk gone", _store(lambda s: (s / "ok" / "c" / "0").unlink()),
+         "ok of sites 0-239 is missing from the store"),
+    Case("store: a flipped bit in ok", _store(lambda s: _flip(s / "ok" / "c" / "0", 7)),
+         "ok of sites 0-239 changed since it was packed"),
+    Case("store: a label of sites.csv made 99999", _store(_sites_label_99999),
+         "sites.csv: changed since it was packed"),
+    Case("store: sites.csv cut", _store(lambda s: (s / "sites.csv").write_bytes((s / "sites.csv").read_bytes()[:999])),
+         "sites.csv: changed since it was packed"),
+    Case("store: zarr.json without size", _store(lambda s: _edit_attrs(s, lambda a: a.pop("size"))),
+         "zarr.json"),
+    Case("store: images metadata edited", _store(lambda s: _flip(s / "images" / "zarr.json", 20)),
+         "images/zarr.json: changed since it was packed"),
+    Case("store: an empty shard", _store(lambda s: (s / "images" / "c" / "0" / "0" / "0" / "0").write_bytes(b""),
+                                         "rgb"), "cut short"),
+    Case("store: written by the previous rcic", _store(lambda s: _edit_attrs(s, _older_store)),
+         "pack the data again into a new store"),
+    # inputs that slipped through (issue 17)
+    Case("PNG header claiming 60000 x 60000", lambda d, fx: _one_site(d, fx, 3, _huge_header),
+         "B02_s1_w3.png: PNG header claims 60000 x 60000 pixels", process=True),
+    Case("16-bit PNG of 16-bit values", lambda d, fx: _one_site(d, fx, 2, _wide_values),
+         "B02_s1_w2.png: 16-bit PNG with values up to"),
+    Case("FIFO in place of a PNG", lambda d, fx: _one_site(d, fx, 4, _fifo), "B02_s1_w4.png: is not a regular file"),
+    Case("FIFO in place of a CSV", _fifo_csv, "test.csv: is not a regular file"),
+    Case("train.csv with only its header", _header_only_train, "train.csv: no labelled treatment wells"),
+    Case("two columns with one name", lambda d, fx: _line(d, fx, "train.csv", 0, lambda x: x + ",sirna"),
+         "train.csv: column 'sirna' appears 2 times"),
+    Case("one row's dataset value flips the release", _one_val_row, "has dataset 'val' on 1 row(s) (first: row 7)"),
+    Case("logits repeating a class", _submit_logits(_repeated_class), "appears twice in the logits' classes"),
+    Case("logits with a train well", _submit_logits(_with_a_train_well), "logits mix"),
+    Case("logits too large for float32", _submit_logits(_too_large), "l.npz: logits too large for float32"),
+    Case("npz header claiming a huge shape", _submit_logits(_forged_header), "l.npz: array logits claims shape"),
+    Case("a bare .npy as logits", _submit_logits(_bare_npy), "l.npz: a single .npy array"),
+    Case("recipe with a section written twice", _recipe("data:\n  batch_size: 8\ndata:\n  folds: 2\n"),
+         "r.yaml: not valid YAML (key 'data' is written twice (lines 1 and 3))"),
+    Case("recipe alias bomb", _recipe(_alias_bomb()), "r.yaml: not valid YAML (more than 100,000 values"),
+    Case("optim.lr=.inf", _train_set("optim.lr=.inf"), "--set optim.lr=.inf: recipe key optim.lr: Input should be "
+                                                       "a finite number"),
+    Case("limit_train_batches=-3", _train_set("trainer.limit_train_batches=-3"),
+         "recipe key trainer.limit_train_batches: must be a number of batches"),
+    Case("batch size true", _train_set("data.batch_size=true"), "recipe key data.batch_size: must be a number"),
+    Case("train --devices 0", lambda d, fx: ["train", "--data", fx["store"], "--recipe", "cpu-demo", "--out", d / "r",
+                                             "--devices", "0"], "--devices must be a number of devices"),
+    Case("predict --devices 0", lambda d, fx: ["predict", fx["run"], "--data", fx["store"], "--out", d / "x.npz",
+                                               "--devices", "0"], "--devices must be a number of devices"),
+    Case("predict --precision banana", lambda d, fx: ["predict", fx["run"], "--data", fx["store"], "--out",
+                                                      d / "x.npz", "--precision", "banana"],
+         "--precision must be one of auto"),
+    Case("junk pretrained_file", lambda d, fx: _train_set(f"model.pretrained_file={_file('w.pth', os.urandom(64))(d)}")
+         (d, fx), "w.pth: recipe key model.pretrained_file: not a weights file"),
+    Case("gs:// without gcsfs", lambda d, fx: ["info", "gs://bucket/x.zarr"], "pip install gcsfs"),
+    Case("az:// without adlfs", lambda d, fx: ["info", "az://container/x.zarr"], "pip install adlfs"),
 ]
 
 
@@ -171,8 +396,7 @@ CASES = [
 def fixtures(tiny_data, tiny_store, tiny_run, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("contract")
     logits = folder / "test.npz"
-    proc = rcic("predict", tiny_run, "--data", tiny_store, "--tta", "1", "--out", logits)
-    assert proc.returncode == 0, proc.stderr
+    run_cli("predict", tiny_run, "--data", tiny_store, "--tta", "1", "--out", logits)
     return {"data": tiny_data, "store": tiny_store, "run": tiny_run, "test_logits": logits}
 
 
@@ -181,7 +405,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, fixtures, tmp_path):
     shared = {k: snapshot(v) for k, v in fixtures.items() if Path(v).is_dir()}
     args = case.make(tmp_path, fixtures)
     before = snapshot(tmp_path)
-    proc = rcic(*args, cwd=tmp_path)
+    proc = run_cli(*args, cwd=tmp_path, check=False, process=case.process)
     lines = proc.stderr.rstrip().splitlines()  # no blank line before the error either
     assert proc.returncode == case.code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
@@ -235,15 +459,16 @@ def test_score_names_the_whole_experiments_it_scored(fixtures, tmp_path):
     assert result["experiments"] == chosen and result["accuracy"] == 1.0
 
 
-def test_a_run_that_died_before_its_first_checkpoint_starts_again(fixtures, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--resume"]], ids=["train", "train --resume"])
+def test_a_run_that_died_before_its_first_checkpoint_starts_again(fixtures, tmp_path, flags):
+    """Nothing of such a run is worth keeping: with or without --resume, the run starts afresh and finishes."""
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
     shutil.copy(fixtures["run"] / "recipe.yaml", run / "recipe.yaml")
     (run / "logs" / "metrics.csv").write_text("epoch,step\n")
-    for flags in ([], ["--resume"]):
-        proc = rcic("train", "--data", fixtures["store"], "--recipe", run / "recipe.yaml", "--out", run,
-                    "--set", "trainer.epochs=1", "--set", "data.fold=all", *flags)
-        assert proc.returncode == 0 or "holds a run already" in proc.stderr, proc.stderr
+    proc = run_cli("train", "--data", fixtures["store"], "--recipe", run / "recipe.yaml", "--out", run,
+                   "--set", "trainer.epochs=1", "--set", "data.fold=all", *flags, check=False)
+    assert proc.returncode == 0, proc.stderr
     assert (run / "checkpoints" / "best.ckpt").is_file()
 
 

@@ -192,7 +192,8 @@ def synth(
     cell_types: Annotated[str | None, typer.Option(help="Comma-separated, e.g. HEPG2,HUVEC")] = None,
     label_style: Annotated[str | None, typer.Option(help="kaggle-2019 (integers) or kaggle-2023 (sirna_<k>)")] = None,
     layout: Annotated[str | None, typer.Option(help="kaggle (default) or wilds (the WILDS release: metadata.csv, "
-                                                    "RGB composites, train/val/test)")] = None,
+                                                    "RGB composites, train/val/test), or rxrx3-core (RxRx3-core's "
+                                                    "metadata, embeddings and JPEG 2000 shards)")] = None,
     batch_effect: Annotated[float | None, typer.Option(help="Strength of experiment batch effects (1 = default)")
                             ] = None,
     effect_size: Annotated[float | None, typer.Option(help="Median strength of siRNA effects (0.425)")] = None,
@@ -210,6 +211,13 @@ def synth(
 ) -> None:
     """Generate a synthetic RxRx1 dataset (Kaggle or WILDS layout) with answers.csv and gene tables."""
     check_output(out, [], folder=True)
+    if layout == "rxrx3-core":  # another download altogether: its own generator
+        from rcic.synth.rxrx3_core import generate_rxrx3_core, rxrx3_preset
+
+        counts = generate_rxrx3_core(out, rxrx3_preset(preset, seed=seed, image_size=image_size))
+        console.print(f"wrote {out} (RxRx3-core layout: {counts['wells']} wells, {counts['genes']} genes, "
+                      f"{counts['compounds']} compounds, {counts['dims']} features)")
+        return
     from rcic.synth import generate
     from rcic.synth import preset as make_preset
 
@@ -263,9 +271,25 @@ def _quiet_lightning() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("lightning", "pytorch_lightning")):
             logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # only the known messages that say nothing to an rcic user: any other warning still shows
+    for message in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
+# Lightning's advice that rcic's choices make moot (rcic writes into its own run folders, sizes its
+# loaders and logging itself, validates on rank 0's gathered set), and its own deprecation notices
+LIGHTNING_NOISE = (
+    r"Checkpoint directory .* exists and is not empty",
+    r"Experiment logs directory .* exists and is not empty",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"The '\w+_dataloader' does not have many workers",
+    r"You defined a `validation_step` but have no `val_dataloader`",
+    r"Total length of `\w+` across ranks is zero",
+    r"The `srun` command is available on your system but is not used",
+    r"It is recommended to use `self\.log\(.*sync_dist=True\)`",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Trying to infer the `batch_size` from an ambiguous collection",
+)
 
 
 def _epoch_lines():
@@ -663,6 +687,8 @@ def eda(
     data: Annotated[str, typer.Argument(help="RxRx1 folder (with or without images) or packed store")],
     out: Annotated[Path, typer.Option(help="Report folder (index.html and its images): new, empty, or an "
                                            "earlier rcic report")],
+    real: Annotated[Path | None, typer.Option(help="Real RxRx1 PNGs (e.g. a download's train/) to show next to "
+                                                   "this dataset's composites, with their channel statistics")] = None,
 ) -> None:
     """An HTML report of a dataset: tables, plate map and groups, intensities by experiment, montages."""
     from rcic.reports.eda import check_report_folder, write_eda
@@ -672,7 +698,7 @@ def eda(
     check_report_folder(out)
     source = open_source(data)
     with progress_bar("eda") as update:
-        index = write_eda(source, out, progress=update)
+        index = write_eda(source, out, progress=update, real_images=real)
     console.print(f"wrote {index}")
 
 

@@ -59,7 +59,9 @@ NEGATIVE_2023 = "UNTREATED"
 def read_csv_strict(path: Path, columns: list[str], nrows: int | None = None) -> pd.DataFrame:
     """A CSV as strings (values stripped), with the ``columns`` required; any defect is a one-line error."""
     if not path.is_file():
-        raise DataError("file not found" if not path.exists() else "is not a file", path)
+        raise DataError("file not found" if not path.exists() else
+                        "is a folder, not a CSV file" if path.is_dir() else
+                        "is not a regular file (a FIFO, socket or device): not a CSV file", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
