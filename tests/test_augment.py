@@ -73,6 +73,36 @@ def test_d4_kernels_form_the_group():
 
 
 @pytest.mark.parametrize("on", ["workers", "device"])
+def test_each_path_augments_its_training_batch_as_the_kernels_say(tiny_store, on):
+    """The batch the model trains on is the kernels' output for that path's generator, and not the plain
+    batch: an augmentation that does nothing on either path fails here."""
+    from rcic.data import RxRxDataModule
+    from rcic.store import open_source
+    from rcic.training.fit import build_task
+
+    recipe = load_recipe("cpu-demo", [f"augment.on={on}", "data.num_workers=0", "data.batch_size=8", "data.folds=2",
+                                      "augment.intensity_jitter=0.2",
+                                      "augment.random_resized_crop={scale: [0.5, 1.0]}"])
+    source = open_source(tiny_store)
+    dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed, on)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))  # epoch 0
+    got = build_task(dm, recipe, on, channels_last=False)._images(batch, 3, train=True)  # batch 3 of epoch 0
+    index = batch["index"].tolist()
+    raw = torch.stack([torch.from_numpy(np.ascontiguousarray(source.read_site(dm.train_set.records[i])))
+                       for i in index])
+    norm, stats, size = recipe.data.normalization, batch["stats"], dm.input_size
+    if on == "device":  # one draw for the whole batch, from the step's generator (seed, epoch, batch, rank)
+        expected = prepare(raw, norm, stats, size, recipe.augment, generator(recipe.seed, 0, 3, 0, 1))
+    else:  # one draw per sample, from its own generator (seed, epoch, index)
+        expected = torch.cat([prepare(raw[j:j + 1], norm, stats[j:j + 1], size, recipe.augment,
+                                      generator(recipe.seed, 0, i)) for j, i in enumerate(index)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plain = prepare(raw, norm, stats, size)
+    assert got.shape == plain.shape and not torch.isclose(got, plain).all(dim=(1, 2, 3)).any()  # each one changed
+
+
+@pytest.mark.parametrize("on", ["workers", "device"])
 def test_training_with_augmentation_on_workers_or_device(tiny_store, tmp_path, on):
     from rcic.store import open_source
     from rcic.training import fit
