@@ -522,3 +522,31 @@ def test_disk_full_is_one_line_and_loses_nothing(fixtures, tmp_path, command):
     assert not any(name.startswith(".") and "tmp" in name for name in leftovers), proc.stdout  # no temp files
     if command in ("predict", "submit"):
         assert not leftovers, proc.stdout  # no half-written output
+
+
+def test_an_output_that_is_a_symlink_is_written_through(fixtures, tmp_path):
+    target = tmp_path / "kept" / "submission.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    (tmp_path / "s.csv").symlink_to(target)
+    run_cli("submit", "--data", fixtures["store"], "--logits", fixtures["test_logits"], "--out", tmp_path / "s.csv")
+    assert (tmp_path / "s.csv").is_symlink() and os.readlink(tmp_path / "s.csv") == str(target)
+    expected = pd.read_csv(fixtures["data"] / "sample_submission.csv", dtype=str).id_code.tolist()
+    assert pd.read_csv(target, dtype=str).id_code.tolist() == expected
+    assert sorted(os.listdir(target.parent)) == ["submission.csv"]  # no temp file left beside it
+
+
+def test_eda_on_the_csvs_with_a_sparse_set_of_images(fixtures, tmp_path):
+    """Images of one site only (as with a partial download): the first site reads, the sampled ones do not."""
+    data = _kaggle(tmp_path, fixtures)
+    first = read_dataset(data).sites.iloc[0]
+    experiment, plate, _ = first.id_code.rsplit("_", 2)
+    folder = data / first.split / experiment / f"Plate{plate}"
+    folder.mkdir(parents=True)
+    for c in range(1, 7):
+        name = f"{first.well}_s{first.site}_w{c}.png"
+        shutil.copy(fixtures["data"] / first.split / experiment / f"Plate{plate}" / name, folder / name)
+    proc = run_cli("eda", data, "--out", tmp_path / "eda", check=False)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "eda" / "index.html").read_text()
+    assert "sampled sites could be read" in page and "montage_experiments.png" in page

@@ -63,3 +63,23 @@ def test_rgb_command_writes_composite(tiny_data, tmp_path):
     proc = run_cli("rgb", tiny_data, "--id", "HEPG2-01_1_A01", "--out", tmp_path / "x.png", check=False)
     assert proc.returncode == 2 and "HEPG2-01_1_A01 is in none of this data's metadata files" in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_16_bit_pngs_of_8_bit_values_read_as_they_are(tiny_data, tmp_path):
+    """8-bit data stored as 16-bit PNGs (a re-export) keeps its intensities: not shifted down to black."""
+    import shutil
+
+    import cv2
+
+    plate = tmp_path / "train" / "HEPG2-01" / "Plate1"
+    plate.mkdir(parents=True)
+    for c in range(1, 7):
+        source = tiny_data / "train" / "HEPG2-01" / "Plate1" / f"B02_s1_w{c}.png"
+        if c % 2:
+            cv2.imwrite(str(plate / source.name), cv2.imread(str(source), cv2.IMREAD_UNCHANGED).astype(np.uint16))
+        else:
+            shutil.copy(source, plate / source.name)
+    wide = load_site(tmp_path, "HEPG2-01_1_B02", 1)
+    assert cv2.imread(str(plate / "B02_s1_w1.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    assert wide.dtype == np.uint8 and wide.max() > 0
+    np.testing.assert_array_equal(wide, load_site(tiny_data, "HEPG2-01_1_B02", 1))

@@ -205,3 +205,53 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_stats_ok_and_tables_are_checked_when_read(tiny_data, tmp_path):
+    """Every part of a store is verified: a missing or flipped stats chunk is an error, never zeros; the site
+    table is validated as the CSVs it came from even where its checksum was forged to match."""
+    import hashlib
+
+    import rcic.store.packed as packed
+
+    out = pack(tiny_data, tmp_path / "s.zarr", shard=16).path
+    reference = PackedStore(out).channel_stats()
+    assert np.isfinite(reference).all() and (reference[:, :, 1] > 0).all()
+    chunk = out / "stats" / "c" / "1" / "0" / "0"
+    saved = chunk.read_bytes()
+    chunk.unlink()
+    with pytest.raises(DataError, match=r"stats of sites 16-31 is missing from the store"):
+        PackedStore(out).channel_stats()
+    damaged = bytearray(saved)
+    damaged[10] ^= 0x01
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"stats of sites 16-31 changed since it was packed"):
+        PackedStore(out).channel_stats()
+    chunk.write_bytes(saved)
+    np.testing.assert_array_equal(PackedStore(out).channel_stats(), reference)
+
+    # a label made 99999 with the checksum and digest forged to match: the table's own validation refuses it
+    meta = json.loads((out / "zarr.json").read_text())
+    table = (out / "sites.csv").read_text().splitlines()
+    well = next(line for line in table if ",train,treatment," in line).split(",")[0]
+    table = [line.rsplit(",", 1)[0] + ",99999" if line.startswith(well + ",") else line for line in table]
+    data = ("\n".join(table) + "\n").encode()
+    (out / "sites.csv").write_bytes(data)
+    meta["attributes"]["checksums"]["sites.csv"] = hashlib.sha256(data).hexdigest()
+    meta["attributes"]["digest"] = packed._digest(meta["attributes"])
+    (out / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"sites.csv: treatment label '99999' .* outside the treatment range"):
+        PackedStore(out)
+
+
+def test_a_store_of_the_previous_format_is_refused_by_reads_and_packs(tiny_data, tmp_path):
+    out = pack(tiny_data, tmp_path / "s.zarr", shard=64).path
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["rcic_store"] = 2
+    for key in ("digest", "checksums"):
+        meta["attributes"].pop(key)
+    (out / "zarr.json").write_text(json.dumps(meta))
+    for args in (("info", out), ("pack", tiny_data, "--out", out, "--shard", "64")):
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and "store format 2" in proc.stderr and "pack the data again" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
