@@ -551,7 +551,9 @@ def embed(
     runs: Runs,
     data: DataSource,
     out: Annotated[Path, typer.Option(help="Embeddings table to write (.parquet)")],
-    split: Annotated[str, typer.Option(help="all, train or test wells (treatments and controls alike)")] = "all",
+    split: Annotated[str, typer.Option(help="val (each run embeds the experiments it held out: give one run per "
+                                            "fold for an out-of-fold map), all, train or test wells (treatments "
+                                            "and controls alike)")] = "all",
     tta: Tta = 8,
     combine: Annotated[str, typer.Option(help="Runs' features averaged (mean) or side by side (concat)")] = "mean",
     checkpoint: Checkpoint = "best",
@@ -559,9 +561,9 @@ def embed(
     workers: Workers = 0,
     devices: Devices = "1",
 ) -> None:
-    """One row per well: metadata and the network's pooled features (sites, TTA and runs averaged)."""
-    if split not in ("all", "train", "test"):
-        raise RcicError(f"--split must be all, train or test, got {split!r}")
+    """One row per well: metadata, seen_in_training and the network's pooled features (sites, TTA and runs averaged)."""
+    if split not in ("val", "all", "train", "test"):
+        raise RcicError(f"--split must be val, all, train or test, got {split!r}")
     if combine not in ("mean", "concat"):
         raise RcicError(f"--combine must be mean or concat, got {combine!r}")
     if out.suffix != ".parquet":
@@ -569,65 +571,93 @@ def embed(
     check_output(out, [data, *runs])
     _devices(devices)
     _quiet_lightning()
-    from rcic.predict import predict as run_predict
-    from rcic.profiles import embedding_frame, write_embeddings
+    from rcic.profiles import SEEN, embed_wells, write_embeddings
     from rcic.store import open_source
     from rcic.training.fit import is_child_rank
 
     source = open_source(data)
     with progress_bar(f"embed {split}") as update:
-        logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, True, update,
-                             devices=_devices(devices), controls=True, combine=combine)
-    if logits is None or is_child_rank():
+        made = embed_wells(runs, source, split, update, tta=tta, checkpoint=checkpoint, batch_size=batch_size,
+                           num_workers=workers, devices=_devices(devices), combine=combine)
+    if made is None or is_child_rank():
         return
-    frame = embedding_frame(logits.wells, logits.extra["embeddings"])
-    write_embeddings(out, frame)
-    console.print(f"wrote {out}: {len(frame)} wells x {logits.extra['embeddings'].shape[1]} features "
-                  f"({', '.join(f'{k} {v}' for k, v in frame['well_type'].value_counts().items())})")
+    frame, records = made
+    write_embeddings(out, frame, records)
+    width = sum(str(c).startswith("emb_") for c in frame.columns)
+    console.print(f"wrote {out}: {len(frame)} wells x {width} features "
+                  f"({', '.join(f'{k} {v}' for k, v in frame['well_type'].value_counts().items())}; "
+                  f"{int(frame[SEEN].sum())} in experiments a model trained on)")
 
 
 @app.command("map")
 def map_(
     embeddings: Annotated[Path, typer.Argument(help="Embeddings parquet (rcic embed, or your own features)")],
     out: Annotated[Path, typer.Option(help="Report folder (map.html, plots, scores.json)")],
-    correct: Annotated[list[str] | None, typer.Option(help="Batch correction (repeat): none, center, standardize, "
-                                                           "tvn, spherize, harmony")] = None,
+    correct: Annotated[list[str] | None, typer.Option(help="Batch correction (repeat): none, pca, center, standardize, "
+                                                           "spherize, tvn, harmony, combat, scanorama")] = None,
+    controls: Annotated[str, typer.Option(help="Wells the control-based corrections learn from: negative, all "
+                                               "(every control) or within (controls minus their siRNA's "
+                                               "per-experiment mean)")] = "negative",
+    include_seen: Annotated[bool, typer.Option(help="Also score wells of experiments the model trained on")] = False,
+    panel: Annotated[bool, typer.Option(help="Score every correction on the field's batch and bio metrics "
+                                             "(scib-metrics, copairs; rcic[panel])")] = False,
+    bootstrap: Annotated[int, typer.Option(help="siRNA resamples behind the panel's rank intervals", min=0)] = 200,
     genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene)")] = None,
     relationships: Annotated[Path | None, typer.Option(help="Known gene pairs (CSV: gene_a,gene_b)")] = None,
     null_size: Annotated[int, typer.Option(help="Permutations behind each mAP p-value", min=100)] = 1000,
     probe: Annotated[bool, typer.Option(help="Fit the linear probe")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """Batch-correct embeddings and benchmark them: replicate mAP, batch leakage, known relationships, probe."""
+    """Batch-correct embeddings and benchmark them: replicate mAP, batch leakage, known relationships, probe;
+    with --panel, every correction on the field's metrics."""
     import pandas as pd
 
     from rcic.atomic import atomic_write_text
-    from rcic.profiles import phenomic_map, read_embeddings, read_gene_tables
+    from rcic.profiles import CONTROLS, PANEL_METHODS, phenomic_map, read_embeddings, read_gene_tables, scored_wells
     from rcic.reports.eda import check_report_folder
     from rcic.reports.map_report import write_map_report
 
-    methods = list(dict.fromkeys(correct or ["none", "tvn"]))
+    if controls not in CONTROLS:
+        raise RcicError(f"--controls must be one of {', '.join(CONTROLS)}, got {controls!r}")
+    methods = list(dict.fromkeys(correct or (PANEL_METHODS if panel else ["none", "tvn"])))
     if (genes is None) != (relationships is None):
         raise RcicError("--genes and --relationships go together (a siRNA->gene table and known gene pairs)")
     check_output(out, [embeddings, genes, relationships], folder=True)
     check_report_folder(out)
     meta, x = read_embeddings(embeddings)
+    keep, line = scored_wells(meta, include_seen)
+    (err_console if as_json else console).print(line, markup=False, highlight=False)
+    meta, x = meta[keep].reset_index(drop=True), x[keep]
     gene_table = pairs = None
     if genes is not None:
         gene_table, pairs = read_gene_tables(genes, relationships, meta)
+    panel_table = None
     with progress_bar("map") as update:
+        if panel:
+            from rcic.profiles.panel import correction_panel
+
+            panel_table = correction_panel(meta, x, methods, controls, gene_table, null_size=null_size,
+                                           bootstrap=bootstrap, source=embeddings, progress=update).table
         result = phenomic_map(meta, x, methods, gene_table, pairs, null_size=null_size, probe=probe,
-                              source=embeddings, progress=update)
-    write_map_report(out, meta, result.scores, result.corrected, str(embeddings))
+                              source=embeddings, progress=update, controls=controls)
+    write_map_report(out, meta, result.scores, result.corrected, str(embeddings), panel=panel_table,
+                     controls=controls)
     atomic_write_text(out / "scores.json", json.dumps(result.scores, indent=2))
+    if panel_table is not None:
+        atomic_write_text(out / "panel.csv", panel_table.to_csv(index=False))
     if as_json:
         print(json.dumps({m: {k: s[k] for k in ("replicate_map", "replicate_fraction", "batch_leakage",
                                                 "known_recall", "known_recall_ci", "probe_acc")}
-                          for m, s in result.scores.items()}))
+                          for m, s in result.scores.items()}
+                         | ({"panel": panel_table.to_dict("records")} if panel_table is not None else {})))
         return
-    from rcic.reports.map_report import scores_table
+    from rcic.reports.map_report import panel_display, scores_table
 
     _table("Phenomic map", scores_table(result.scores).fillna(pd.NA).astype(object).where(lambda f: f.notna(), "-"))
+    if panel_table is not None:
+        _table("Correction panel (overall = 0.4 x batch + 0.6 x bio, Arevalo et al. 2024)",
+               panel_display(panel_table))
+        console.print(f"panel: {out / 'panel.csv'}")
     console.print(f"report: [bold]{out / 'map.html'}[/]")
 
 

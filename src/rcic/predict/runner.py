@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 
 from rcic.data.augment import TTA_SETS
-from rcic.data.dataset import PREDICT_SPLITS, RxRxDataModule
+from rcic.data.dataset import DOMAINS, PREDICT_SPLITS, RxRxDataModule
 from rcic.errors import DataError, RcicError
 from rcic.predict.logits import Logits
 from rcic.store.source import ImageSource
@@ -44,12 +44,21 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
 
 
 def load_task(path: Path) -> RcicTask:
-    """An rcic checkpoint as a task; anything else (another file, a truncated one) is a one-line error."""
+    """An rcic checkpoint as a task; anything else (another file, a truncated one, a pickle that would run
+    code: read with ``weights_only=True``, nothing in it runs) is a one-line error.
+
+    The backbone is built without its pretrained weights (the checkpoint's weights replace them), so a
+    run trained with ``model.pretrained: true`` loads where those weights are absent."""
     import pickle
     import zipfile
 
+    from rcic.training.fit import read_checkpoint
+
+    checkpoint = read_checkpoint(path, mmap=True)
     try:
-        return RcicTask.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        recipe = dict(checkpoint["hyper_parameters"]["recipe"])
+        recipe["model"] = {**recipe["model"], "pretrained": False, "pretrained_file": None}
+        return RcicTask.load_from_checkpoint(path, map_location="cpu", weights_only=True, recipe=recipe)
     except (RuntimeError, KeyError, EOFError, OSError, TypeError, AttributeError, ValueError,
             pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise RcicError(f"not a readable rcic checkpoint ({type(err).__name__})", path) from None
@@ -68,19 +77,39 @@ def run_val_experiments(run_dir: Path) -> list[str]:
     return list(info["val_experiments"])
 
 
-def _check_split(split: str, tta: int) -> None:
+ADABN_CHOICES = ("recipe", "none", *DOMAINS)
+
+
+def _check_split(split: str, tta: int, adabn: str = "recipe") -> None:
     if split not in PREDICT_SPLITS:
         raise RcicError(f"--split must be one of {', '.join(PREDICT_SPLITS)}, got {split!r}")
     if tta not in TTA_SETS:
         raise RcicError(f"--tta must be one of {', '.join(map(str, TTA_SETS))}, got {tta}")
+    if adabn not in ADABN_CHOICES:
+        raise RcicError(f"--adabn must be one of {', '.join(ADABN_CHOICES)}, got {adabn!r}")
+
+
+def _set_adabn(task: RcicTask, adabn: str) -> None:
+    """The run's own AdaBN (``recipe``) or the one asked for; it must agree with the run's centring domain."""
+    task.adabn = task.recipe.model.adabn if adabn == "recipe" else adabn
+    center = task.recipe.model.center_embeddings
+    if "none" not in (task.adabn, center) and task.adabn != center:
+        raise RcicError(f"--adabn {task.adabn}: the run centres its embeddings per {center} "
+                        f"(model.center_embeddings), so AdaBN must use that domain too ({center} or none)")
 
 
 def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments: list[str] | None = None,
                 tta: int = 8, batch_size: int = 32, num_workers: int = 0, devices: int | str = 1,
                 precision: str = "auto", accelerator: str = "auto", controls: bool = False,
-                progress: Callable[[int, int], None] | None = None, site_outputs: bool = False):
-    """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere."""
-    _check_split(split, tta)
+                progress: Callable[[int, int], None] | None = None, site_outputs: bool = False,
+                adabn: str = "recipe"):
+    """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere.
+
+    ``adabn``: ``recipe`` (the run's ``model.adabn``), ``none``, ``plate`` or ``experiment``; with
+    AdaBN or embedding centring the wells are predicted domain by domain.
+    """
+    _check_split(split, tta, adabn)
+    _set_adabn(task, adabn)
     recipe = task.recipe
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     if list(dm.classes) != task.classes:
@@ -102,7 +131,7 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
                         source.dataset.root)
     index = {c: i for i, c in enumerate(task.cell_types)} | {c: 0 for c in unknown}  # unused without embedding
     dataset = dm.well_dataset(rows, index)
-    loader = dm.predict_dataloader_for(dataset, batch_size, num_workers)
+    loader = dm.predict_dataloader_for(dataset, batch_size, num_workers, task.eval_domain(), task.eval_phases())
     task.tta = TTA_SETS[tta]
     task.site_outputs = site_outputs
     task.channels_last = resolve_channels_last(recipe)
@@ -129,15 +158,16 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
             checkpoint: str = "best", batch_size: int = 32, num_workers: int = 0, embeddings: bool = False,
             progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
             accelerator: str = "auto", controls: bool = False, combine: str = "mean",
-            site_outputs: bool = False) -> Logits | None:
+            site_outputs: bool = False, adabn: str = "recipe") -> Logits | None:
     """Well logits averaged over both sites, the TTA transforms and all given runs.
 
     ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
     agree), ``test``, ``train`` or ``all``; ``controls`` adds the control wells (embeddings).
     ``combine``: features of an ensemble averaged (``mean``) or side by side (``concat``).
     ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
+    ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own).
     """
-    _check_split(split, tta)
+    _check_split(split, tta, adabn)
     run_dirs = [Path(r) for r in run_dirs]
     val_experiments = None
     if split == "val":
@@ -153,7 +183,7 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     for i, (run_dir, task) in enumerate(tasks):
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(tasks) * n))
         result = predict_run(task, source, split, val_experiments, tta, batch_size, num_workers, devices,
-                             precision, accelerator, controls, sub, site_outputs)
+                             precision, accelerator, controls, sub, site_outputs, adabn)
         if result is None:
             continue  # a non-zero DDP rank: rank 0 assembles
         run_wells, logits, feats, site_logits = result
@@ -176,8 +206,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     if embeddings:
         extra["embeddings"] = (np.mean(features, axis=0) if combine == "mean"
                                else np.concatenate(features, axis=1)).astype(np.float32)
-    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint})
-                                for r, _ in tasks])
+    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint, "adabn": t.adabn})
+                                for r, t in tasks])
     logits = Logits(wells["id_code"].to_numpy(), (total / len(tasks)).astype(np.float32), list(classes), extra,
                     wells=wells)
     if site_total is not None:

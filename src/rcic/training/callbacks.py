@@ -3,7 +3,9 @@ curves, the DDP check, and the prediction writer."""
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -24,7 +26,11 @@ FULL_DISK_BYTES = 256 << 20  # a failed checkpoint write with less free than thi
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint beside its target and rename it: a crash never leaves a broken file."""
+    """Write each checkpoint beside its target and rename it: a crash never leaves a broken file.
+    Read it with ``weights_only=True``: tensors and plain values only, a file's code is never run."""
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
@@ -41,22 +47,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def _read_log(path: Path) -> tuple[list[str], list[dict]]:
+    """Header and rows of a ``metrics.csv``; a last line cut by a kill (no newline yet) is dropped."""
+    if not path.is_file():
+        return [], []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    rows = [row for row in reader if None not in row]  # None: a row with more fields than the header
+    return list(reader.fieldnames or []), rows
+
+
 class _ResumedWriter(ExperimentWriter):
-    """Keeps the rows of the run being resumed (Lightning's writer deletes them) and drops only the
-    rows from the first step the resumed run logs onwards, which it logs again identically."""
+    """``metrics.csv`` that survives a kill and a resume. Lightning's writer deletes an existing file,
+    rewrites its header in place (a kill there loses the log) and fails when the resumed run logs a
+    column the kept file lacks. This one keeps the rows of the run being resumed up to the first step
+    the resumed run logs (it logs the later ones again identically), takes the union of their columns
+    and the new ones, and replaces the file atomically whenever its header changes; rows are appended."""
 
     def _check_log_dir_exists(self) -> None:
-        self._trimmed = False
+        self._merged = False  # the kept rows are merged at the first save that has rows
 
     def save(self) -> None:
-        if self.metrics and not self._trimmed and self._fs.isfile(self.metrics_file_path):
-            frame = pd.read_csv(self.metrics_file_path)
-            first = min(m["step"] for m in self.metrics)
-            kept = frame[frame["step"] < first] if "step" in frame else frame.iloc[:0]
-            self.metrics_keys = sorted(set(frame.columns))
-            atomic_write_text(self.metrics_file_path, kept.to_csv(index=False))
-        self._trimmed = True
-        super().save()
+        if not self.metrics:
+            return
+        if self._merged:
+            super().save()
+            return
+        path = Path(self.metrics_file_path)
+        header, rows = _read_log(path)
+        first = min(int(m["step"]) for m in self.metrics)
+        kept = [row for row in rows if row.get("step") not in (None, "") and int(float(row["step"])) < first]
+        self.metrics_keys = sorted(set(header) | set().union(*self.metrics))
+        self._write_all(kept + self.metrics)
+        self.metrics = []
+        self._merged = True
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        _, rows = _read_log(Path(self.metrics_file_path))
+        self._write_all(rows, fieldnames)
+
+    def _write_all(self, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fieldnames or self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_file_path, out.getvalue())
 
 
 class RunCSVLogger(CSVLogger):

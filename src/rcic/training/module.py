@@ -7,6 +7,11 @@ Validation measures what the leaderboard measures: each held-out well's two site
 (mean log-softmax over the treatment classes) and scored with ``rcic.assign.score_wells``,
 arg-max and plate leak, on the whole held-out set gathered from every rank (the sampler's
 padding dropped by index, so no well counts twice under DDP).
+
+Plate-aware keys: with ``model.adabn`` and/or ``model.center_embeddings`` validation and
+prediction go domain by domain (``rcic.data.DomainEvalSampler``): a domain's BatchNorm statistics
+(phase ADAPT) and mean embedding (phase MEAN) are computed from its own sites before its sites are
+predicted (phase PREDICT); the trained BatchNorm statistics are restored afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from rcic.assign.scoring import mean_by_well, score_wells
 from rcic.config import Recipe, recipe_from_dict
 from rcic.data.augment import TTA_SETS, d4_transform, generator, mix_batch, prepare, step_seed
+from rcic.data.dataset import PHASE_ADAPT, PHASE_MEAN, PHASE_PREDICT
+from rcic.errors import RecipeError
+from rcic.models.adabn import adapting, restore_bn_state, save_bn_state, start_domain
 from rcic.models.net import RcicNet, loss_per_sample
 
 
@@ -46,10 +54,74 @@ class RcicTask(L.LightningModule):
         self.site_outputs = False  # predict_step also returns each site's logits (WILDS scores images)
         self._val: list[dict[str, torch.Tensor]] = []
         self.__dict__["_compiled"] = None  # not a submodule: the state dict keeps the plain net's keys
+        self.adabn: str = self.recipe.model.adabn  # prediction may override it (rcic predict --adabn)
+        self._bn_saved: list[dict] | None = None
+        self._last_phase: int | None = None
+        self._mean_sum: torch.Tensor | None = None
+        self._mean_count = 0
 
-    def forward(self, image: torch.Tensor, cell_type: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, cell_type: torch.Tensor | None = None, center: torch.Tensor | None = None,
+                domain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         net = self.__dict__["_compiled"] or self.net
-        return net(image, cell_type)
+        return net(image, cell_type, center, domain)
+
+    # -- domain-wise evaluation (AdaBN, embedding centring) ---------------------------------------
+
+    def eval_domain(self) -> str | None:
+        """The domain evaluation goes by (``plate`` / ``experiment``), or None for plain batches."""
+        adabn, center = self.adabn, self.recipe.model.center_embeddings
+        if adabn != "none" and center != "none" and adabn != center:
+            raise RecipeError(f"AdaBN per {adabn} with embeddings centred per {center} (model.center_embeddings): "
+                              "both must use one domain")
+        return None if adabn == center == "none" else (center if adabn == "none" else adabn)
+
+    def eval_phases(self) -> tuple[int, ...]:
+        return ((PHASE_ADAPT,) if self.adabn != "none" else ()) + (
+            (PHASE_MEAN,) if self.recipe.model.center_embeddings != "none" else ()) + (PHASE_PREDICT,)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "set_domain_evaluation"):
+            datamodule.set_domain_evaluation(self.eval_domain(), self.eval_phases())
+
+    def _start_domain_evaluation(self) -> None:
+        self._last_phase, self._mean_sum, self._mean_count = None, None, 0
+        if self.eval_domain() is not None and self.adabn != "none":
+            self._bn_saved = save_bn_state(self.net)
+
+    def _end_domain_evaluation(self) -> None:
+        if self._bn_saved is not None:
+            restore_bn_state(self.net, self._bn_saved)
+            self._bn_saved = None
+
+    def _domain_phase(self, batch: dict, views, cell_type: torch.Tensor) -> torch.Tensor | None:
+        """Run an adaptation batch (None: nothing to record), or return the centre for a prediction batch.
+
+        ``views()`` yields the batch's normalised image views (sites x TTA). A domain's batches come
+        phase by phase, so a new domain starts where the plan's first phase follows another phase.
+        """
+        if self.eval_domain() is None or "phase" not in batch:
+            return None
+        phase, first = int(batch["phase"][0]), self.eval_phases()[0]
+        if phase == first and self._last_phase != first:  # a new domain
+            if self.adabn != "none":
+                start_domain(self.net)
+            self._mean_sum, self._mean_count = None, 0
+        self._last_phase = phase
+        if phase == PHASE_ADAPT:
+            with adapting(self.net):
+                for x in views(adapt=True):
+                    self(x, cell_type)
+            return None
+        if phase == PHASE_MEAN:
+            for x in views(adapt=False):
+                features = self(x, cell_type)["features"].double().sum(0)
+                self._mean_sum = features if self._mean_sum is None else self._mean_sum + features
+                self._mean_count += len(x)
+            return None
+        if self.recipe.model.center_embeddings == "none":
+            return None
+        return (self._mean_sum / max(self._mean_count, 1)).float()
 
     def configure_model(self) -> None:
         if self.channels_last:
@@ -90,7 +162,7 @@ class RcicTask(L.LightningModule):
         images = self._images(batch, batch_idx, train=True)
         rng = np.random.default_rng(seed)
         images, target_a, target_b, lam = mix_batch(images, batch["label"], self.recipe.augment, rng)
-        out = self(images, batch["cell_type"])
+        out = self(images, batch["cell_type"], domain=self._train_domains(batch))
         loss_cfg = self.recipe.loss
         loss = loss_per_sample(out, target_a, loss_cfg)
         if lam < 1.0:
@@ -106,19 +178,49 @@ class RcicTask(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
+    def _train_domains(self, batch: dict) -> torch.Tensor | None:
+        """Per-site domain ids for centring at training, by the means of the batch's own domains.
+
+        Batch-domain means rather than running per-domain means: with domain batches
+        (``data.sampler``, required by the recipe check) a batch's mean is its domain's mean
+        estimated on the current weights, as at prediction (the domain's mean over its wells, same
+        weights), with nothing stale, no state to checkpoint and nothing to sync between DDP ranks.
+        """
+        center = self.recipe.model.center_embeddings
+        if center == "none":
+            return None
+        return batch["experiment"] * 1000 + batch["plate"] if center == "plate" else batch["experiment"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_domain_evaluation()
+
     def validation_step(self, batch, batch_idx: int) -> None:
-        out = self(self._images(batch, batch_idx, train=False), batch["cell_type"])
+        images = self._images(batch, batch_idx, train=False)
+        center = self._domain_phase(batch, lambda adapt: [images], batch["cell_type"])
+        if self.eval_domain() is not None and int(batch["phase"][0]) != PHASE_PREDICT:
+            return
+        out = self(images, batch["cell_type"], center)
         loss = loss_per_sample(out, batch["label"], self.recipe.loss)
         log_probs = F.log_softmax(out["logits"][:, : self.n_treatments].float(), dim=1)
         self._val.append({"index": batch["index"], "log_probs": log_probs, "loss": loss.float()})
 
+    def _gather_rows(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows of every rank (ranks may hold different numbers: domain-wise evaluation); padding dropped."""
+        size = torch.tensor([len(local["index"])], device=self.device)
+        longest = int(self.all_gather(size).max())
+        padded = {k: torch.cat([v, v.new_full((longest - len(v), *v.shape[1:]), -1)]) for k, v in local.items()}
+        gathered = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(padded).items()}
+        keep = gathered["index"] >= 0
+        return {k: v[keep] for k, v in gathered.items()}
+
     def on_validation_epoch_end(self) -> None:
+        self._end_domain_evaluation()
         if not self._val:
             return
         local = {k: torch.cat([v[k] for v in self._val]) for k in self._val[0]}
         self._val.clear()
         if self.trainer.world_size > 1:
-            local = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(local).items()}
+            local = self._gather_rows(local)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "val_set", None) is None:
             return
@@ -139,8 +241,19 @@ class RcicTask(L.LightningModule):
             if value is not None:
                 self.log(name, value, prog_bar=name in ("val/acc", "val/acc_leak"), rank_zero_only=False)
 
+    def on_predict_epoch_start(self) -> None:
+        self._start_domain_evaluation()
+
+    def on_predict_epoch_end(self) -> None:
+        self._end_domain_evaluation()
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """A batch of wells: both sites x the TTA transforms, averaged (logits and pooled features)."""
+        """A batch of wells: both sites x the TTA transforms, averaged (logits and pooled features).
+
+        In domain-wise prediction the adaptation batches return no rows: BatchNorm statistics from
+        the sites as they are (D4 moves pixels, not the channel statistics BatchNorm keeps), the
+        mean embedding over the same TTA views as the prediction it centres.
+        """
         images = batch["image"]  # (B, S, C, H, W)
         b, s = images.shape[:2]
         x = prepare(images.flatten(0, 1), self.recipe.data.normalization, batch["stats"].flatten(0, 1),
@@ -148,9 +261,16 @@ class RcicTask(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cell = batch["cell_type"].repeat_interleave(s)
+        center = self._domain_phase(batch, lambda adapt: [x] if adapt else (d4_transform(x, k) for k in self.tta),
+                                    cell)
+        if self.eval_domain() is not None and int(batch["phase"][0]) != PHASE_PREDICT:
+            n = len(self.classes)
+            empty = {"index": batch["index"][:0], "logits": x.new_zeros(0, n),
+                     "features": x.new_zeros(0, self.net.feature_dim)}
+            return empty | ({"site_logits": x.new_zeros(0, s, n)} if self.site_outputs else {})
         logits = features = 0
         for k in self.tta:
-            out = self(d4_transform(x, k), cell)
+            out = self(d4_transform(x, k), cell, center)
             logits = logits + out["logits"].float()
             features = features + out["features"].float()
         n = len(self.tta)
@@ -202,6 +322,33 @@ class RcicTask(L.LightningModule):
         frozen = self.current_epoch < self.recipe.optim.freeze_backbone_epochs
         for p in self.net.backbone.parameters():
             p.requires_grad_(not frozen)
+
+    def on_train_start(self) -> None:
+        self.on_train_epoch_start()  # a mid-epoch resume skips on_train_epoch_start: freeze (or not) here too
+
+    # The persistent training metrics hold each rank's own running sums. A checkpoint (written by rank
+    # 0) holds their sums over all ranks; on resume rank 0 takes them and the other ranks start at zero,
+    # so the epoch's synced means stay exact under DDP.
+    def _train_metrics(self) -> dict:
+        return {"train_acc": self.train_acc, "train_loss": self.train_loss}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None or self.trainer.world_size < 2:
+            return
+        state = checkpoint["state_dict"]
+        for name, metric in self._train_metrics().items():
+            with metric.sync_context(should_sync=True):  # a collective: every rank saves a checkpoint together
+                for key in metric._defaults:
+                    state[f"{name}.{key}"] = getattr(metric, key).detach().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None or self.trainer.global_rank == 0:
+            return
+        state = checkpoint["state_dict"]
+        for name, metric in self._train_metrics().items():
+            for key, default in metric._defaults.items():
+                if f"{name}.{key}" in state and isinstance(default, torch.Tensor):
+                    state[f"{name}.{key}"] = default.detach().clone()
 
     def parameter_checksum(self) -> float:
         return float(sum(p.detach().double().sum().item() for p in self.parameters()))
