@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -146,3 +148,22 @@ def test_channel_intensities_match_the_real_pngs_of_each_cell_type(tmp_path):
             inside = (low <= synthetic[channel - 1]) & (synthetic[channel - 1] <= high)
             assert inside.all(), (f"{cell_type} w{channel}: synthetic {dict(zip(STATISTICS, synthetic[channel - 1]))}"
                                   f" outside real {dict(zip(STATISTICS, zip(low, high)))}")
+
+
+def test_eda_shows_the_dataset_next_to_real_sites(tiny_data, tmp_path):
+    from rcic.reports.eda import read_real_sites, synthetic_vs_real_section
+    from rcic.store import open_source
+
+    images = need_real_images()
+    # the section alone (the rest of `rcic eda` is tested elsewhere); the CLI's --real is checked below
+    page = synthetic_vs_real_section(open_source(tiny_data), tmp_path, read_real_sites(images), images)
+    assert "This dataset next to real sites" in page and (tmp_path / "synthetic_vs_real.png").is_file()
+    # the real column holds the real PNGs' own numbers: HUVEC w1, median over its complete sites of the mean
+    planes = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted(images.glob("*/HUVEC-*/Plate*/*_s1_w1.png"))]
+    table = page[page.index("This dataset next to real sites"):]
+    header = [re.sub("<.*?>", "", c).strip() for c in re.findall(r"<th>.*?</th>", table, re.S)]
+    row = next(r for r in re.findall(r"<tr>(.*?)</tr>", table, re.S) if "<td>HUVEC</td>" in r and "<td>w1</td>" in r)
+    cells = [re.sub("<.*?>", "", c).strip() for c in re.findall(r"<td>.*?</td>", row, re.S)]
+    assert float(cells[header.index("mean (real)")]) == round(float(np.median([p.mean() for p in planes])), 1)
+    proc = run_cli("eda", tiny_data, "--out", tmp_path / "eda2", "--real", tmp_path, check=False)
+    assert proc.returncode == 2 and "holds no real site" in proc.stderr and not (tmp_path / "eda2").exists()

@@ -6,6 +6,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -193,6 +194,77 @@ def montage_section(source: ImageSource, out: Path) -> str:
     return section("Montages", *parts)
 
 
+def _dataset_sites_like_real(sites: pd.DataFrame, cell_type: str, count: int) -> pd.DataFrame:
+    """Up to ``count`` site-1 sites of a cell type, negative controls first (the real B02 wells are), spread over
+    experiments."""
+    mine = sites[(sites.cell_type == cell_type) & (sites.site == 1)]
+    mine = mine.assign(order=(mine.well_type != "negative_control").astype(int))
+    mine = mine.sort_values(["order", "experiment", "plate", "well"], kind="stable")
+    return mine.groupby("experiment").head(max(1, count // max(1, mine.experiment.nunique()))).head(count)
+
+
+def read_real_sites(real_images: str | Path) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """A few complete real sites per cell type, or a DataError naming the folder."""
+    from rcic.synth.intensity import real_sites
+
+    real = real_sites(real_images) if Path(real_images).is_dir() else {}
+    if not real:
+        raise DataError("holds no real site with all 6 channel PNGs ({experiment}/Plate{p}/{well}_s{s}_w{c}.png)",
+                        real_images)
+    return real
+
+
+def synthetic_vs_real_section(source: ImageSource, out: Path, real: dict, real_images: Path) -> str:
+    """This dataset's composites next to real ones of the same cell type, through the same official mapping,
+    and the per-channel statistics that the synthetic intensities are matched on."""
+    from rcic.synth.intensity import STATISTICS, channel_statistics
+
+    cell_types = sorted(source.dataset.sites.cell_type.unique())
+    fig, axes = plt.subplots(len(cell_types), 2, figsize=(6.4, 3.1 * len(cell_types)), squeeze=False)
+    rows = []
+    for (mine_ax, real_ax), cell_type in zip(axes, cell_types):
+        for ax in (mine_ax, real_ax):
+            ax.axis("off")
+        chosen = _dataset_sites_like_real(source.dataset.sites, cell_type, count=8).to_dict("records")
+        images = []
+        for row in chosen:
+            try:
+                images.append(source.read_site(row))
+            except DataError:
+                continue
+        if images:
+            mine_ax.imshow(to_rgb(images[0].transpose(1, 2, 0)), interpolation="nearest")
+            mine_ax.set_title(f"this dataset: {chosen[0]['experiment']} {chosen[0]['well']}", fontsize=8)
+        if cell_type in real:
+            name, image = real[cell_type][0]
+            composite = to_rgb(image.transpose(1, 2, 0))
+            if composite.shape[0] > 256:  # as the figure shows it; drawing 512 px costs seconds
+                composite = cv2.resize(composite, (256, 256), interpolation=cv2.INTER_AREA)
+            real_ax.imshow(composite)
+            real_ax.set_title(f"real: {name}", fontsize=8)
+        else:
+            real_ax.text(0.5, 0.5, f"no real {cell_type} site\nunder {real_images.name}", ha="center", va="center",
+                         fontsize=8, transform=real_ax.transAxes)
+        for label, stack in (("this dataset", images), ("real", [im for _, im in real.get(cell_type, [])])):
+            if stack:
+                median = np.median([channel_statistics(im) for im in stack], axis=0)
+                rows += [{"cell_type": cell_type, "channel": f"w{c + 1}", "data": label, "sites": len(stack),
+                          **dict(zip(STATISTICS, median[c]))} for c in range(6)]
+    fig.tight_layout()
+    save_figure(fig, out / "synthetic_vs_real.png")
+    stats = pd.DataFrame(rows).assign(saturated=lambda f: f["saturated"] * 100)
+    stats = stats.pivot_table(index=["cell_type", "channel"], columns="data", values=list(STATISTICS), sort=False)
+    stats.columns = [f"{'saturated %' if stat == 'saturated' else stat} ({data})" for stat, data in stats.columns]
+    stats = stats.reset_index()
+    return section("This dataset next to real sites",
+                   f"<p>Composites through the same official 6-channel mapping (Recursion's rxrx1 colours and "
+                   f"ranges), this dataset's sites (negative controls first) on the left and real sites from "
+                   f"{html.escape(str(real_images))} on the right. The table gives each channel's median over the "
+                   f"sites of its mean, 1st/50th/99th percentile and share of saturated pixels.</p>",
+                   figure("synthetic_vs_real.png", "This dataset (left) and real sites (right), per cell type"),
+                   table(stats, "{:.1f}"))
+
+
 REPORT_MARK = "rcic-report.json"  # marks a folder as rcic's own report: only such a folder is overwritten
 
 
@@ -204,10 +276,13 @@ def check_report_folder(out: Path) -> None:
         raise DataError("is not empty and holds no earlier rcic report; choose a new or empty folder", out)
 
 
-def write_eda(source: ImageSource, out: str | Path, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``out/index.html`` with its images; returns the page's path."""
+def write_eda(source: ImageSource, out: str | Path, progress: Callable[[int, int], None] | None = None,
+              real_images: str | Path | None = None) -> Path:
+    """Write ``out/index.html`` with its images; returns the page's path. ``real_images``: a folder of real
+    RxRx1 PNGs whose composites and channel statistics are shown next to this dataset's."""
     out = Path(out)
     check_report_folder(out)
+    real = read_real_sites(real_images) if real_images is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_MARK).write_text('{"report": "eda"}\n')
     ds = source.dataset
@@ -215,6 +290,8 @@ def write_eda(source: ImageSource, out: str | Path, progress: Callable[[int, int
     missing = images_available(source)
     if missing is None:
         sections += [intensity_section(source, out, progress), montage_section(source, out)]
+        if real is not None:
+            sections.append(synthetic_vs_real_section(source, out, real, Path(real_images)))
     else:
         text = f"No images could be read, so the image sections are left out ({missing})."
         sections += [section("Channel intensities (the batch effect)", note(text)),

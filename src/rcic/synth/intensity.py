@@ -94,3 +94,20 @@ def strictly_increasing(knots: np.ndarray) -> np.ndarray:
     """Raw quantiles made strictly increasing along the last axis (ties, e.g. empty background, break interp)."""
     step = 1e-6 * (1 + np.abs(knots).max(axis=-1, keepdims=True))
     return np.maximum.accumulate(knots + step * np.arange(knots.shape[-1]), axis=-1)
+
+
+def real_sites(images: str | Path, per_cell_type: int = 8) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Up to ``per_cell_type`` complete sites (all 6 channel PNGs) of each cell type under a real image tree
+    ({split}/{experiment}/Plate{p}/... or {experiment}/Plate{p}/...), as (name, (6, H, W) uint8)."""
+    root = Path(images)
+    found: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for w1 in sorted([*root.glob("*/*/Plate*/*_s[12]_w1.png"), *root.glob("*/Plate*/*_s[12]_w1.png")]):
+        experiment = w1.parent.parent.name
+        sites = found.setdefault(experiment.split("-")[0], [])
+        paths = [w1.with_name(f"{w1.name[:-5]}{c}.png") for c in range(1, 7)]
+        if len(sites) >= per_cell_type or not all(p.is_file() for p in paths):
+            continue
+        planes = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
+        if all(p is not None and p.shape == planes[0].shape for p in planes):
+            sites.append((f"{experiment} {w1.parent.name} {w1.name[:-7]}", np.stack(planes)))
+    return {cell_type: sites for cell_type, sites in found.items() if sites}
