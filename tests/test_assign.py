@@ -6,8 +6,9 @@ import itertools
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from rcic.assign import assign_plates, choose_rotations, pseudo_labels
+from rcic.assign import assign_plates, choose_rotations, pseudo_labels, score_wells, treatment_log_probs
 from rcic.io import read_dataset
 from rcic.io.metadata import PlateGroups
 from rcic.predict import Logits
@@ -91,3 +92,57 @@ def test_real_test_submission_shape():
     assert sub.frame.id_code.tolist() == ds.test_ids and len(sub.frame) == 19_897
     assert sub.frame.sirna.astype(int).between(0, 1107).all()  # never a control class
     assert len(sub.experiments) == 18
+
+
+def test_pseudo_labels_by_hand():
+    wells = pd.DataFrame({"id_code": ["a", "b", "c", "d"]})
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+    chosen = pseudo_labels(wells, np.log(probs), np.array([0, 1, 2, 0]), ["x", "y", "z"], 0.5)
+    assert list(chosen.columns) == ["id_code", "label", "confidence"]
+    assert chosen.id_code.tolist() == ["d", "b"] and chosen.label.tolist() == ["x", "y"]
+    np.testing.assert_allclose(chosen.confidence, [0.9, 0.8])
+    # equal confidences keep the table's order (a stable sort), also past numpy's small-array insertion sort
+    confidence = np.random.default_rng(0).choice([0.3, 0.5, 0.9], size=64)
+    many = pd.DataFrame({"id_code": [f"w{i:02d}" for i in range(64)]})
+    log_probs = np.log(np.stack([confidence, 1 - confidence], axis=1))
+    tied = pseudo_labels(many, log_probs, np.zeros(64, int), ["x", "y"], 0.5)
+    expected = sorted(range(64), key=lambda i: -confidence[i])[:32]
+    assert tied.id_code.tolist() == [f"w{i:02d}" for i in expected]
+
+
+def test_treatment_log_probs_drop_control_columns_and_renormalise():
+    logits = np.array([[1.0, 2.0, 50.0, 3.0], [0.0, 0.0, -5.0, 0.0]])
+    log_probs, kept = treatment_log_probs(logits, ["t1", "t2", "ctrl", "t3"], {"t1", "t2", "t3"})
+    assert kept == ["t1", "t2", "t3"]
+    expected = np.log(np.exp([[1, 2, 3], [0, 0, 0]]) / np.exp([[1, 2, 3], [0, 0, 0]]).sum(1, keepdims=True))
+    np.testing.assert_allclose(log_probs, expected, rtol=1e-12)
+
+
+def test_score_wells_by_hand():
+    """Arg-max and leak accuracies overall, per cell type and per experiment, on two experiments."""
+    parts = [_toy(n_per_group=3, rotation=r, seed=s, signal=1.0) for r, s in ((1, 5), (2, 6))]
+    wells = pd.concat([p[0].assign(experiment=e, cell_type=e[0], id_code=e + p[0].id_code.str[4:])
+                       for p, e in zip(parts, ("A-01", "B-01"))], ignore_index=True)
+    log_probs = np.concatenate([p[1] for p in parts])
+    classes, groups = parts[0][2], parts[0][3]
+    truth = np.concatenate([p[4] for p in parts])
+    wells["label"] = [classes[t] for t in truth]
+    result = score_wells(wells, log_probs, classes, groups)
+    plain = log_probs.argmax(1) == truth
+    choices = choose_rotations(wells, log_probs, classes, groups)
+    leak = assign_plates(wells, log_probs, classes, groups, choices) == truth
+    assert plain.mean() < leak.mean()  # the case tells the two apart
+    assert result["acc"] == pytest.approx(plain.mean()) and result["acc_leak"] == pytest.approx(leak.mean())
+    assert result["wells"] == len(wells)
+    for key, column in (("per_cell_type", "cell_type"), ("experiments", "experiment")):
+        assert sorted(result[key]) == sorted(wells[column].unique())
+        for name, scores in result[key].items():
+            mask = (wells[column] == name).to_numpy()
+            assert scores["acc"] == pytest.approx(plain[mask].mean())
+            assert scores["acc_leak"] == pytest.approx(leak[mask].mean())
+    assert all(s["wells"] == 4 * 3 for s in result["experiments"].values())
+    # no usable plate groups: no leak accuracy, the arg-max one unchanged
+    for unusable in (None, PlateGroups(groups.groups[:3])):
+        other = score_wells(wells, log_probs, classes, unusable)
+        assert other["acc_leak"] is None and other["acc"] == result["acc"]
+        assert all(s["acc_leak"] is None for s in other["per_cell_type"].values())

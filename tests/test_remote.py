@@ -65,6 +65,7 @@ def test_pack_train_predict_submit_from_a_bucket(s3, tiny_data, tmp_path):
     rcic("submit", "--data", url, "--logits", tmp_path / "test.npz", "--out", tmp_path / "s.csv")
     submission = pd.read_csv(tmp_path / "s.csv", dtype=str)
     assert submission.id_code.tolist() == pd.read_csv(tiny_data / "sample_submission.csv", dtype=str).id_code.tolist()
+    assert submission.sirna.isin(set(open_source(url).dataset.vocab.treatment_labels)).all()
     png, remote = open_source(tiny_data), open_source(url)
     for i in (0, 31, 32, 239):  # across shard boundaries: the same pixels as the PNGs
         row = remote.dataset.sites.iloc[i]

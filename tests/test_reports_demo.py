@@ -7,8 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from rcic.io import read_dataset
 from tests.conftest import REAL_CSV, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,9 +44,22 @@ def test_demo_passes_through_every_stage(demo_dir):
         assert (demo_dir / path).exists(), path
     rows = json.loads((demo_dir / "accuracy.json").read_text())["rows"]
     assert {r["step"] for r in rows} == {"arg-max", "+ TTA (x8)", "+ plate leak"}
-    # a second run reuses every finished stage
+    # the submission is a whole, valid test submission, and the table's last test row is its score
+    submission = pd.read_csv(demo_dir / "submission.csv", dtype=str)
+    sample = pd.read_csv(demo_dir / "data" / "sample_submission.csv", dtype=str)
+    answers = pd.read_csv(demo_dir / "data" / "answers.csv", dtype=str).set_index("id_code")["sirna"]
+    ds = read_dataset(demo_dir / "data")
+    assert submission.id_code.tolist() == sample.id_code.tolist()
+    assert submission.sirna.isin(set(ds.vocab.treatment_labels)).all()
+    assert not submission.merge(ds.wells, on="id_code").duplicated(["experiment", "plate", "sirna"]).any()
+    leak = next(r for r in rows if r["split"] == "test" and r["step"] == "+ plate leak")
+    assert leak["accuracy"] == pytest.approx((submission.sirna.to_numpy() == answers.loc[submission.id_code]).mean())
+    # a second run reuses every finished stage: the data, the checkpoint and the predictions are not rewritten
+    kept = ["data/answers.csv", "run/checkpoints/best.ckpt", "val_tta8.npz", "test_tta8.npz", "embeddings.parquet"]
+    before = {p: (demo_dir / p).stat().st_mtime_ns for p in kept}
     proc = run_cli("demo", "--out", demo_dir, "--preset", "tiny", "--epochs", "2")
     assert "Accuracy" in proc.stdout
+    assert {p: (demo_dir / p).stat().st_mtime_ns for p in kept} == before
 
 
 def render(page_path: Path, screenshot: Path) -> tuple[list[str], list[bool], str]:
