@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rcic.errors import DataError
 from rcic.io import read_dataset
-from rcic.predict import load_logits
+from rcic.predict import Logits, average_logits, load_logits, save_logits
 from tests.conftest import run_cli
 
 
@@ -50,15 +51,50 @@ def test_submit_and_score(predictions, tiny_data, tmp_path):
     assert not merged.duplicated(["experiment", "plate", "sirna"]).any()
     result = json.loads(run_cli("score", "--data", tiny_data, "--submission", sub, "--answers",
                                 tiny_data / "answers.csv", "--json").stdout)
-    assert 0 <= result["accuracy"] <= 1 and set(result["by_cell_type"]) == {"HEPG2", "HUVEC"}
-    assert len(result["by_experiment"]) == 2
-    # ensemble of two logits files, arg-max; validation submission scored against train.csv
+    answers = pd.read_csv(tiny_data / "answers.csv", dtype=str).set_index("id_code")["sirna"]
+    hit = pd.Series(frame.sirna.to_numpy() == answers.loc[frame.id_code].to_numpy(), index=frame.id_code)
+    cell_type, experiment = hit.index.str.split("-").str[0], hit.index.str.rsplit("_", n=2).str[0]
+    assert result["accuracy"] == pytest.approx(hit.mean()) and result["wells"] == len(frame)
+    assert result["by_cell_type"] == pytest.approx(hit.groupby(cell_type).mean().to_dict())
+    assert result["by_experiment"] == pytest.approx(hit.groupby(experiment).mean().to_dict())
+    assert set(result["by_cell_type"]) == {"HEPG2", "HUVEC"} and len(result["by_experiment"]) == 2
+    # ensemble of two logits files, arg-max: each well gets the treatment class of its mean logits
     run_cli("submit", "--data", tiny_data, "--logits", predictions / "test.npz", "--logits",
             predictions / "test_last.npz", "--no-leak", "--out", tmp_path / "ens.csv")
+    ensemble = pd.read_csv(tmp_path / "ens.csv", dtype=str)
+    a, b = load_logits(predictions / "test.npz"), load_logits(predictions / "test_last.npz")
+    mean = (pd.DataFrame(a.logits, index=a.id_code) + pd.DataFrame(b.logits, index=b.id_code)) / 2
+    treatments = [i for i, c in enumerate(a.classes) if c in set(ds.vocab.treatment_labels)]
+    expected = [a.classes[treatments[k]] for k in mean.loc[sample.id_code].to_numpy()[:, treatments].argmax(1)]
+    assert ensemble.id_code.tolist() == sample.id_code.tolist() and ensemble.sirna.tolist() == expected
+    # a validation submission (plate leak) scored against train.csv: every val well, scored by hand
     run_cli("submit", "--data", tiny_data, "--logits", predictions / "val.npz", "--out", tmp_path / "val.csv")
     val = json.loads(run_cli("score", "--submission", tmp_path / "val.csv", "--answers", tiny_data / "train.csv",
                              "--json").stdout)
-    assert val["wells"] == len(load_logits(predictions / "val.npz").id_code)
+    val_sub = pd.read_csv(tmp_path / "val.csv", dtype=str)
+    train = pd.read_csv(tiny_data / "train.csv", dtype=str).set_index("id_code")["sirna"]
+    assert sorted(val_sub.id_code) == sorted(load_logits(predictions / "val.npz").id_code)
+    assert val["wells"] == len(val_sub)
+    assert val["accuracy"] == pytest.approx((val_sub.sirna.to_numpy() == train.loc[val_sub.id_code].to_numpy()).mean())
+
+
+def test_average_logits_aligns_rows_by_id(tmp_path):
+    """Ensemble members list their wells in different orders: each well's mean is over its own rows."""
+    classes = ["a", "b", "c"]
+    first = Logits(np.array(["w1", "w2", "w3"]), np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32), classes)
+    second = Logits(np.array(["w3", "w1", "w2"]), np.array([[0, 0, 3], [5, 0, 1], [0, 1, 0]], np.float32), classes)
+    third = Logits(np.array(["w2", "w3", "w1"]), np.array([[2, 2, 2], [2, 4, 0], [0, 4, 8]], np.float32), classes)
+    for name, member in (("1", first), ("2", second), ("3", third)):
+        save_logits(tmp_path / f"{name}.npz", member)
+    mean = average_logits([tmp_path / "1.npz", tmp_path / "2.npz", tmp_path / "3.npz"])
+    assert mean.id_code.tolist() == ["w1", "w2", "w3"] and mean.classes == classes
+    # by hand: w1 = ([1,2,3] + [5,0,1] + [0,4,8]) / 3, w2 = ([4,5,6] + [0,1,0] + [2,2,2]) / 3, w3 = ...
+    np.testing.assert_allclose(mean.logits, np.array([[6, 6, 12], [6, 8, 8], [9, 12, 12]]) / 3, rtol=1e-6)
+    save_logits(tmp_path / "other_wells.npz", Logits(np.array(["w1", "w2", "w4"]), first.logits, classes))
+    save_logits(tmp_path / "other_classes.npz", Logits(first.id_code, first.logits, ["a", "c", "b"]))
+    for bad, message in (("other_wells", "wells differ"), ("other_classes", "classes differ")):
+        with pytest.raises(DataError, match=message):
+            average_logits([tmp_path / "1.npz", tmp_path / f"{bad}.npz"])
 
 
 def test_bad_input(predictions, tiny_data, tiny_run, tmp_path):
@@ -93,8 +129,6 @@ def test_pseudo_labels_join_training(predictions, tiny_store, tmp_path):
 
 def test_submission_keeps_2023_label_spelling(tmp_path):
     """A kaggle-2023 dataset gets sirna_<k> labels back, in sample_submission order."""
-    from rcic.predict import Logits, save_logits
-
     run_cli("synth", tmp_path / "d", "--preset", "tiny", "--image-size", "16", "--label-style", "kaggle-2023")
     ds = read_dataset(tmp_path / "d")
     ids = np.array(ds.test_ids)
