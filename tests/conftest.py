@@ -115,3 +115,25 @@ def tiny_run(tiny_store, tmp_path_factory) -> Path:
             "--set", "data.batch_size=16", "--set", "trainer.epochs=2", "--set", "data.folds=2",
             "--set", "trainer.accelerator=cpu")
     return out
+
+
+@pytest.fixture(scope="session")
+def plate_csvs(tmp_path_factory) -> Path:
+    """A synthetic download's CSVs in the Kaggle 2019 layout and no images (for what reads metadata only):
+    3 cell types x (2 train + 1 test) experiments, 32 siRNAs in 4 plate groups of 8; answers.csv holds
+    the test wells' labels."""
+    from rcic.synth.generator import design_plates, preset
+
+    wells, labels = design_plates(preset("small", train_experiments=2, test_experiments=1))
+    frame = wells.assign(sirna=[labels[c] for c in wells["cls"]])
+    out = tmp_path_factory.mktemp("plate_csvs")
+    keys = ["id_code", "experiment", "plate", "well"]
+    for split in ("train", "test"):
+        part = frame[frame["split"] == split]
+        treatment = part[part["well_type"] == "treatment"]
+        treatment[keys + ["sirna"] if split == "train" else keys].to_csv(out / f"{split}.csv", index=False)
+        part[part["well_type"] != "treatment"][keys + ["sirna", "well_type"]].to_csv(out / f"{split}_controls.csv",
+                                                                                     index=False)
+        if split == "test":
+            treatment[["id_code", "sirna"]].to_csv(out / "answers.csv", index=False)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from rcic.errors import DataError
 from rcic.io import read_dataset
 from rcic.predict import Logits, average_logits, load_logits, save_logits
+from rcic.submit import leak_pseudo_labels, make_submission, read_submission_csv, score, write_submission
 from tests.conftest import run_cli
 
 
@@ -139,3 +141,118 @@ def test_submission_keeps_2023_label_spelling(tmp_path):
     sub = pd.read_csv(tmp_path / "s.csv", dtype=str)
     assert sub.id_code.tolist() == ds.test_ids and sub.sirna.str.fullmatch(r"sirna_\d+").all()
     assert set(sub.sirna) <= set(ds.vocab.treatment_labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# The submission library on metadata only (seconds; what bench/mutation.py runs for rcic.submit)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plates(plate_csvs):
+    return read_dataset(plate_csvs)
+
+
+def _train_answers(ds) -> pd.DataFrame:
+    wells = ds.wells[(ds.wells.split == "train") & (ds.wells.well_type == "treatment")]
+    return wells.rename(columns={"label": "sirna"})[["id_code", "sirna"]].reset_index(drop=True)
+
+
+def _random_logits(ds, ids, seed=0, signal=0.0) -> Logits:
+    rng = np.random.default_rng(seed)
+    classes = list(ds.vocab.labels)
+    values = rng.normal(0, 1, (len(ids), len(classes))).astype(np.float32)
+    labels = ds.wells.set_index("id_code").loc[list(ids), "label"]
+    known = [classes.index(label) if label else -1 for label in labels]
+    for row, column in enumerate(known):
+        if column >= 0:
+            values[row, column] += signal
+    return Logits(np.asarray(ids), values, classes)
+
+
+def test_score_by_hand_and_what_it_refuses(plates):
+    answers = _train_answers(plates)
+    experiment = answers.id_code.str.rsplit("_", n=2).str[0]
+    chosen = sorted(experiment.unique())[:2]
+    sub = answers[experiment.isin(chosen)].reset_index(drop=True)
+    treatments = list(plates.vocab.treatment_labels)
+    wrong = sub.index[::3]
+    sub.loc[wrong, "sirna"] = [treatments[(treatments.index(s) + 1) % len(treatments)] for s in sub.sirna[wrong]]
+    result = score(sub, answers, plates)
+    hit = pd.Series(sub.sirna.to_numpy() == answers.set_index("id_code").loc[sub.id_code, "sirna"].to_numpy())
+    sub_experiment = sub.id_code.str.rsplit("_", n=2).str[0]
+    assert result["accuracy"] == pytest.approx(hit.mean()) and 0 < hit.mean() < 1
+    assert result["wells"] == len(sub) and result["experiments"] == chosen
+    assert result["by_experiment"] == pytest.approx(hit.groupby(sub_experiment).mean().to_dict())
+    assert result["by_cell_type"] == pytest.approx(hit.groupby(sub_experiment.str.split("-").str[0]).mean().to_dict())
+    first = sub_experiment[0]
+    cases = [(sub.iloc[1:], None, f"covers {int((sub_experiment == first).sum()) - 1} of the "
+                                  f"{int((sub_experiment == first).sum())} wells of experiment {first}"),
+             (pd.concat([sub, pd.DataFrame({"id_code": ["HEPG2-99_1_B02"], "sirna": ["1"]})]), None,
+              "1 submitted wells have no answer (first 'HEPG2-99_1_B02')"),
+             (sub.assign(sirna=sub.sirna.where(sub.index != 0, "sirna_1")), None, "not spelt as the answers' labels"),
+             (sub.assign(sirna=sub.sirna.where(sub.index != 0, plates.vocab.labels[-1])), plates,
+              "is not a treatment label")]
+    for frame, dataset, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            score(frame.reset_index(drop=True), answers, dataset)
+    stranger = pd.DataFrame({"id_code": ["HEPG2-99_1_B02"], "sirna": ["1"]})
+    with pytest.raises(DataError, match="not wells of"):
+        score(stranger, pd.concat([answers, stranger]), plates)
+
+
+def test_read_submission_csv_refuses_empty_or_repeated_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("id_code,sirna\n")
+    (tmp_path / "twice.csv").write_text("id_code,sirna\nA-01_1_B02,3\nA-01_1_B02,4\n")
+    (tmp_path / "good.csv").write_text("id_code,sirna\nA-01_1_B02,3\nA-01_1_B03,sirna_4\n")
+    for name, message in (("empty", "empty submission file"), ("header", "header but no rows"),
+                          ("twice", "duplicate id_code 'A-01_1_B02'")):
+        with pytest.raises(DataError, match=message):
+            read_submission_csv(tmp_path / f"{name}.csv")
+    good = read_submission_csv(tmp_path / "good.csv")
+    assert good.to_dict("list") == {"id_code": ["A-01_1_B02", "A-01_1_B03"], "sirna": ["3", "sirna_4"]}
+
+
+def test_make_submission_labels_by_hand_and_its_refusals(plates, tmp_path):
+    ids = plates.test_ids
+    logits = _random_logits(plates, ids[::-1], seed=3)  # rows in another order than the submission's
+    plain = make_submission(plates, logits, leak=False)
+    treatments = [i for i, c in enumerate(logits.classes) if c in set(plates.vocab.treatment_labels)]
+    row = {k: i for i, k in enumerate(logits.id_code)}
+    best = logits.logits[[row[i] for i in ids]][:, treatments].argmax(1)
+    assert plain.frame.id_code.tolist() == ids
+    assert plain.frame.sirna.tolist() == [logits.classes[treatments[k]] for k in best]
+    leak = make_submission(plates, logits, leak=True)
+    merged = leak.frame.merge(plates.wells, on="id_code")
+    assert leak.frame.id_code.tolist() == ids and not merged.duplicated(["experiment", "plate", "sirna"]).any()
+    groups = plates.plate_groups
+    for (experiment, plate), rows in merged.groupby(["experiment", "plate"]):
+        order = leak.experiments.set_index("experiment").loc[experiment, "order"]
+        assert set(rows.sirna) <= groups.groups[int(order[plate - 1])]  # the plate's group only
+    write_submission(tmp_path / "s.csv", leak)
+    assert pd.read_csv(tmp_path / "s.csv", dtype=str).equals(leak.frame.reset_index(drop=True).astype(str))
+    control = plates.wells[plates.wells.well_type != "treatment"].id_code.iloc[0]
+    train = _train_answers(plates).id_code.tolist()[:5]
+    refusals = [(_random_logits(plates, ids[:-1]), "logits cover"),
+                (_random_logits(plates, train + [control]), "control well"),
+                (Logits(logits.id_code, logits.logits[:, :3], ["x", "y", "z"]), "not labels of this data"),
+                (Logits(logits.id_code, logits.logits[:, 1:], logits.classes[1:]), "the logits lack 1 of"),
+                (Logits(np.array(["HEPG2-99_1_B02"]), logits.logits[:1], logits.classes), "not wells of this data")]
+    for bad, message in refusals:
+        with pytest.raises(DataError, match=message):
+            make_submission(plates, bad)
+
+
+def test_leak_pseudo_labels_are_the_most_confident_plate_assigned_test_wells(plates):
+    ids = plates.test_ids
+    logits = _random_logits(plates, ids, seed=4)
+    chosen = leak_pseudo_labels(plates, logits, 0.25)
+    labels = make_submission(plates, logits, leak=True).frame.set_index("id_code").sirna
+    assert len(chosen) == round(0.25 * len(ids)) and chosen.confidence.is_monotonic_decreasing
+    assert (chosen.label.to_numpy() == labels.loc[chosen.id_code].to_numpy()).all()
+    for fraction in (0.0, 1.5):
+        with pytest.raises(DataError, match="--pseudo-fraction must be in"):
+            leak_pseudo_labels(plates, logits, fraction)
+    with pytest.raises(DataError, match="from test-set logits"):
+        leak_pseudo_labels(plates, _random_logits(plates, _train_answers(plates).id_code), 0.5)

@@ -9,6 +9,7 @@ failure prints the seed that reproduces it.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 
 import numpy as np
@@ -26,12 +27,13 @@ from rcic.predict import Logits
 from rcic.profiles import correct
 from rcic.profiles.correct import SPHERIZE_EPSILON
 from rcic.submit import evaluate_logits, make_submission, score, validate_submission
-from rcic.synth.generator import design_plates, preset
 
 # no example database: nothing is written into the checkout, and every run draws the same examples
-FAST = settings(max_examples=15, deadline=None, database=None, derandomize=True,
+# (bench/mutation.py draws fewer: it runs these tests once per mutant)
+EXAMPLES = int(os.environ.get("RCIC_PROPERTY_EXAMPLES", 15))
+FAST = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(FAST, max_examples=6)  # pycytominer and the dataset-level checks: ~0.5 s an example
+FEW = settings(FAST, max_examples=max(EXAMPLES // 3, 3))  # the dataset-level checks: ~0.5 s an example
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -257,20 +259,8 @@ def test_scale_free_corrections_do_not_depend_on_the_embeddings_units(shape, fac
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Dataset:
-    """A synthetic download's CSVs in the Kaggle 2019 layout, no images (nothing here reads one):
-    3 cell types x (2 train + 1 test) experiments, 32 siRNAs in 4 plate groups of 8."""
-    wells, labels = design_plates(preset("small", train_experiments=2, test_experiments=1))
-    frame = wells.assign(sirna=[labels[c] for c in wells["cls"]])
-    out = tmp_path_factory.mktemp("plates")
-    keys = ["id_code", "experiment", "plate", "well"]
-    for split in ("train", "test"):
-        part = frame[frame["split"] == split]
-        treatment = part[part["well_type"] == "treatment"]
-        treatment[keys + ["sirna"] if split == "train" else keys].to_csv(out / f"{split}.csv", index=False)
-        part[part["well_type"] != "treatment"][keys + ["sirna", "well_type"]].to_csv(out / f"{split}_controls.csv",
-                                                                                     index=False)
-    return read_dataset(out)
+def tiny(plate_csvs) -> Dataset:
+    return read_dataset(plate_csvs)
 
 
 @FEW
@@ -307,7 +297,7 @@ def test_validation_refuses_a_repeated_well_or_a_label_that_is_not_a_treatment(t
         validate_submission(foreign, tiny)
 
 
-@settings(FEW, max_examples=4)
+@settings(FEW, max_examples=max(EXAMPLES // 4, 2))
 @given(data=st.data(), seed=seeds)
 def test_evaluate_equals_submit_then_score(tiny, data, seed):
     """The numbers of ``rcic evaluate`` are those of ``rcic submit`` + ``rcic score`` on the same logits."""

@@ -1,0 +1,141 @@
+"""Mutation score of the modules that decide results, with mutmut 3, one module at a time.
+
+    python bench/mutation.py [assign submit profiles config metadata] [--children 2] [--real] [--out DIR]
+
+For each module, a scratch copy of ``src/``, ``tests/`` and ``pyproject.toml`` goes to
+``DIR/<module>/`` (default ``bench/out/mutation``), its ``[tool.mutmut]`` table narrowed to that
+module's files (``only_mutate``) and to the tests that cover it (``pytest_add_cli_args_test_selection``);
+then ``mutmut run --max-children N`` (under ``nice``) mutates it there: mutmut copies the tree to
+``mutants/``, runs the selected tests once to learn which test reaches which function, and runs,
+for each mutant, only the tests that reach it. The checkout itself is never touched.
+
+Tests are restricted to the fast ones: slow end-to-end tests (training a model per mutant) and,
+unless ``--real``, the tests on the real RxRx1 CSVs (~1 min each on 2 cores) are left out; the real
+CSVs make no new mutant reachable that the synthetic tests do not reach. The property tests draw
+``--examples`` examples each (``RCIC_PROPERTY_EXAMPLES``; 15 in CI) and pytest stops at the first
+failure, so that a mutant costs seconds.
+
+Results: ``DIR/<module>.json`` (counts by status and the surviving mutants) and one line per module
+on stdout; ``mutmut show NAME`` inside ``DIR/<module>/`` prints a survivor's diff. A mutant is
+"killed" when a test fails, "survived" when all pass, "no tests" when no selected test reaches its
+function. Score = (killed + timeout) / (killed + timeout + survived + no tests): a mutant that no
+test reaches counts as not found. Equivalent survivors are judged by hand and listed in BENCHMARKS.md.
+Not part of CI: 10-30 minutes per module on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> (files to mutate, the tests that cover them)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "assign": (["src/rcic/assign/*"], ["tests/test_assign.py", "tests/test_properties.py",
+                                       "tests/test_plate_aware.py::test_sinkhorn_rows_and_columns_sum_to_one_and_plates_"
+                                       "stay_permutations"]),
+    "submit": (["src/rcic/submit/*"], ["tests/test_assign.py", "tests/test_properties.py",
+                                       *(f"tests/test_predict_submit.py::test_{name}" for name in (
+                                           "score_by_hand_and_what_it_refuses",
+                                           "read_submission_csv_refuses_empty_or_repeated_files",
+                                           "make_submission_labels_by_hand_and_its_refusals",
+                                           "leak_pseudo_labels_are_the_most_confident_plate_assigned_test_wells"))]),
+    "profiles": (["src/rcic/profiles/*"], ["tests/test_profiles.py", "tests/test_properties.py"]),
+    "config": (["src/rcic/config.py"], ["tests/test_config.py", "tests/test_properties.py"]),
+    "metadata": (["src/rcic/io/metadata.py"], ["tests/test_io_metadata.py", "tests/test_properties.py"]),
+}
+# mutmut's exit codes (mutmut.stats.status_by_exit_code), the ones a run gives
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check",
+          None: "not checked"}
+
+
+def mutmut_table(only_mutate: list[str], tests: list[str]) -> str:
+    selection = [t for t in tests if (ROOT / t.split("::")[0]).exists()]
+    return ("\n[tool.mutmut]\n"
+            'source_paths = ["src"]\n'
+            f"only_mutate = {json.dumps(only_mutate)}\n"
+            f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n"
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "-m",'
+            ' "not slow and not gpu and not browser"]\n'
+            'process_isolation = "forkserver"\n'  # torch is not fork-safe once the suite has run
+            # CPU seconds a mutant's tests may take beyond 15x their clean time: the clean times leave out the
+            # fixtures' set-up, which would otherwise end sound mutants as "timeout" on a busy machine
+            "timeout_constant = 60.0\n"
+            "use_git_change_detection = false\n")
+
+
+def prepare(module: str, out: Path) -> Path:
+    only_mutate, tests = MODULES[module]
+    work = out / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".hypothesis")
+    for folder in ("src", "tests"):
+        shutil.copytree(ROOT / folder, work / folder, ignore=ignore)
+    text = (ROOT / "pyproject.toml").read_text()
+    text = re.sub(r"\n\[tool\.mutmut\]\n(?:(?!\n\[).)*", "\n", text, flags=re.S)  # the project's table, replaced
+    (work / "pyproject.toml").write_text(text + mutmut_table(only_mutate, tests))
+    return work
+
+
+def results(work: Path) -> dict:
+    statuses: dict[str, str] = {}
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            statuses[name] = STATUS.get(code, "suspicious")
+    counts = Counter(statuses.values())
+    detected = counts["killed"] + counts["timeout"]  # a hang that a test's timeout stops is found too
+    decided = detected + counts["survived"] + counts["no tests"]  # a mutant no test reaches is not found
+    return {"counts": dict(counts), "mutants": len(statuses),
+            "score": round(detected / decided, 4) if decided else None,
+            "survived": sorted(n for n, s in statuses.items() if s == "survived"),
+            "no_tests": sorted(n for n, s in statuses.items() if s == "no tests")}
+
+
+def run(module: str, out: Path, children: int, real: bool, examples: int) -> dict:
+    work = prepare(module, out)
+    env = {**os.environ, "RCIC_REALDATA": os.environ.get("RCIC_REALDATA", "") if real else str(work / "no-real-data"),
+           "RCIC_PROPERTY_EXAMPLES": str(examples)}
+    mutmut = Path(sys.executable).with_name("mutmut")
+    with open(work / "mutmut.log", "w") as log:
+        proc = subprocess.run(["nice", "-n", "10", str(mutmut), "run", "--max-children", str(children)], cwd=work,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    result = {"module": module, "files": MODULES[module][0], "tests": MODULES[module][1],
+              "mutmut_exit": proc.returncode, **results(work)}
+    (out / f"{module}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", default=list(MODULES), choices=list(MODULES))
+    ap.add_argument("--children", type=int, default=2, help="mutants tested at once (cores)")
+    ap.add_argument("--real", action="store_true", help="also run the tests on the real RxRx1 CSVs")
+    ap.add_argument("--examples", type=int, default=6, help="hypothesis examples per property test (CI: 15)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mutation")
+    ap.add_argument("--report", action="store_true", help="only read the results of finished runs in --out")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for module in args.modules:
+        if args.report:
+            r = results(args.out.resolve() / module)
+            (args.out / f"{module}-report.json").write_text(json.dumps(r, indent=2))
+        else:
+            r = run(module, args.out.resolve(), args.children, args.real, args.examples)
+        c = r["counts"]
+        print(f"{module:<10} {r['mutants']:>5} mutants  killed {c.get('killed', 0):>4}  survived "
+              f"{c.get('survived', 0):>4}  timeout {c.get('timeout', 0):>3}  no tests {c.get('no tests', 0):>4}  "
+              f"score {r['score']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
