@@ -6,7 +6,8 @@ For each experiment we score every group order by the summed log-probability mas
 wells put on their plate's group, take the best cyclic rotation (reporting the margin to the
 runner-up as its confidence, and whether the best of all 24 permutations agrees), then solve
 one linear assignment per plate (``scipy.optimize.linear_sum_assignment``) so each treatment is
-used at most once per plate, maximising the summed log-probability.
+used at most once per plate, maximising the summed log-probability; or, with ``balance="sinkhorn"``,
+the summed probability of the plate's Sinkhorn-balanced matrix (``rcic.assign.balance``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
+from rcic.assign.balance import BALANCES, sinkhorn
 from rcic.io.metadata import PlateGroups
 
 
@@ -76,13 +78,21 @@ def choose_rotations(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[s
 
 
 def assign_plates(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str], groups: PlateGroups,
-                  choices: dict[str, RotationChoice]) -> np.ndarray:
-    """Column index assigned to each well: per plate, a linear assignment restricted to its group."""
+                  choices: dict[str, RotationChoice], balance: str = "none") -> np.ndarray:
+    """Column index assigned to each well: per plate, a linear assignment restricted to its group.
+
+    ``balance``: ``none`` (maximise summed log-probability) or ``sinkhorn`` (balance the plate's
+    matrix over its group, then maximise the summed balanced probability).
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     masks = group_masks(groups, classes)
     assigned = np.full(len(wells), -1, dtype=np.int64)
     for (experiment, plate), rows in wells.groupby(["experiment", "plate"], sort=True).indices.items():
         allowed = np.flatnonzero(masks[choices[experiment].order[plate - 1]])
         scores = log_probs[np.ix_(rows, allowed)]
+        if balance == "sinkhorn":
+            scores = sinkhorn(scores)
         r, c = linear_sum_assignment(-scores)
         assigned[rows[r]] = allowed[c]
         left = np.setdiff1d(np.arange(len(rows)), r)  # more wells than group members: best in group

@@ -32,14 +32,15 @@ def _accuracy(correct: np.ndarray | None, mask: np.ndarray) -> float | None:
 
 
 def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                groups: PlateGroups | None) -> dict:
+                groups: PlateGroups | None, balance: str = "none") -> dict:
     """Accuracy of treatment wells from their treatment-class log-probabilities.
 
     ``wells`` has ``experiment``, ``plate``, ``cell_type`` and the true ``label`` (one row per
     well, aligned with ``log_probs`` (wells x ``classes``)). Returns ``acc`` (arg-max), ``acc_leak``
     (plate-leak assignment; None where the data has no usable plate groups), ``wells``,
     ``per_cell_type`` ``{cell type: {"acc", "acc_leak"}}`` and ``experiments``
-    ``{experiment: {"acc", "acc_leak", "wells"}}``.
+    ``{experiment: {"acc", "acc_leak", "wells"}}``. ``balance``: the plates' balancing before the
+    assignment (``rcic.assign.plates.assign_plates``).
     """
     wells = wells.reset_index(drop=True)
     classes = np.asarray(classes)
@@ -48,7 +49,7 @@ def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] |
     correct_leak = None
     if groups is not None and groups.usable and len(wells):
         choices = choose_rotations(wells, log_probs, list(classes), groups)
-        correct_leak = classes[assign_plates(wells, log_probs, list(classes), groups, choices)] == truth
+        correct_leak = classes[assign_plates(wells, log_probs, list(classes), groups, choices, balance)] == truth
     everything = np.ones(len(wells), bool)
     cell_types = wells["cell_type"].to_numpy()
     experiments = wells["experiment"].to_numpy()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from rcic.config import AugmentConfig
 
-NORMALIZATIONS = ("none", "image", "experiment", "experiment_controls", "plate")
+NORMALIZATIONS = ("none", "image", "experiment", "experiment_controls", "plate", "plate_controls")
 MIN_STD = 1.0  # on the 0-255 scale: a flat channel is not blown up into noise
 
 

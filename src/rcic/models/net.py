@@ -1,7 +1,9 @@
 """The network: a timm backbone (6 channels or the RGB composite), a neck, and a head.
 
 ``RcicNet.forward`` returns ``{"features", "logits"}`` and, for the cosine head, ``"cosine"``
-(what the margin losses need). Logits of the cosine head are ``scale * cosine``.
+(what the margin losses need). Logits of the cosine head are ``scale * cosine``. With ``center``
+(a domain's mean embedding) or ``domain`` (per-row domain ids: centred by the batch's domain
+means) the features are centred before the head, and ``"features"`` are the centred ones.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from rcic.config import LossConfig, ModelConfig
 from rcic.errors import RecipeError
 from rcic.io.images import RGB_MAP
+from rcic.models.adabn import domain_means
 
 
 class RgbComposite(nn.Module):
@@ -110,12 +113,14 @@ class RcicNet(nn.Module):
         self.cosine = config.head == "cosine"
         self.head = CosineHead(width, n_classes) if self.cosine else nn.Linear(width, n_classes)
         self.scale = scale
+        self.feature_dim = width
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept out of weight decay besides norms and biases (timm's convention)."""
         return {"embed.weight"} if self.embed is not None else set()
 
-    def forward(self, image: torch.Tensor, cell_type: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, cell_type: torch.Tensor | None = None, center: torch.Tensor | None = None,
+                domain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.rgb(image) if self.rgb is not None else image
         features = self.backbone(x)
         if self.embed is not None:
@@ -123,6 +128,10 @@ class RcicNet(nn.Module):
                 cell_type = torch.zeros(len(image), dtype=torch.long, device=image.device)
             features = torch.cat([features, self.embed(cell_type)], dim=1)
         features = self.neck(features)
+        if domain is not None:
+            center = domain_means(features, domain)
+        if center is not None:
+            features = features - center.to(features.dtype)
         out = {"features": features}
         if self.cosine:
             out["cosine"] = self.head(features)

@@ -1,0 +1,232 @@
+"""Plate-aware training and inference: domain batches, plate-control statistics, AdaBN, embedding
+centring, Sinkhorn balancing, exact resume with plate batches, and their refusals of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from rcic.assign import assign_plates, choose_rotations, sinkhorn
+from rcic.config import load_recipe
+from rcic.data import RxRxDataModule
+from rcic.data.dataset import PHASE_ADAPT, PHASE_PREDICT, DomainBatchSampler, DomainEvalSampler, domain_codes
+from rcic.models import adapting, restore_bn_state, save_bn_state, start_domain
+from rcic.store import open_source
+from rcic.training import fit
+from tests.conftest import run_cli
+from tests.test_assign import _toy
+from tests.test_evaluation import _Crash, _weights
+
+TINY = ["data.num_workers=0", "data.folds=2", "trainer.accelerator=cpu"]
+
+
+def _sites(plates: dict[tuple[str, int], int]) -> pd.DataFrame:
+    return pd.DataFrame([{"experiment": e, "plate": p} for (e, p), n in plates.items() for _ in range(n)])
+
+
+def test_plate_batches_hold_one_plate_and_cover_every_site():
+    sites = _sites({("A-01", 1): 7, ("A-01", 2): 5, ("B-01", 1): 9, ("B-01", 3): 4})
+    codes = domain_codes(sites, "plate")
+    epochs = {}
+    for rank in (0, 1):
+        sampler = DomainBatchSampler(codes, batch_size=4, seed=3, rank=rank, world_size=2)
+        sampler.set_epoch(1)
+        epochs[rank] = list(sampler)
+        assert len(epochs[rank]) == len(sampler) == 4  # 2 + 2 + 3 + 1 batches, dealt to 2 ranks
+    for batch in epochs[0] + epochs[1]:
+        index = np.array(batch) - 1 * len(sites)  # keys are epoch * n + index
+        assert len(index) == 4 and len(set(codes[index])) == 1
+    seen = {i - len(sites) for b in epochs[0] + epochs[1] for i in b}
+    assert seen == set(range(len(sites)))
+    # the same epoch rebuilt: identical; another epoch: another order; a resume skips the trained batches
+    again = DomainBatchSampler(codes, 4, seed=3, rank=0, world_size=2)
+    again.set_epoch(1)
+    again.skip_batches(3)
+    assert list(again) == epochs[0][3:]
+    again.set_epoch(2)
+    assert [b[0] % len(sites) for b in again] != [b[0] % len(sites) for b in epochs[0]]
+
+
+def test_domain_evaluation_gives_whole_domains_to_each_rank():
+    sites = _sites({("A-01", 1): 5, ("A-01", 2): 3, ("B-01", 1): 4})
+    codes = domain_codes(sites, "plate")
+    phases = (PHASE_ADAPT, PHASE_PREDICT)
+    plans = [list(DomainEvalSampler(codes, 2, phases, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(plans[0]) == len(plans[1])  # padded: every rank takes the same number of steps
+    for plan in plans:
+        for batch in plan:
+            assert len({codes[k % len(codes)] for k in batch}) == 1
+    # each domain's adaptation batches come before its prediction batches, on one rank only
+    rank0 = [divmod(k, len(codes)) for b in plans[0] for k in b]
+    first_domain = [i for phase, i in rank0 if codes[i] == 0]
+    assert [p for p, i in rank0 if codes[i] == 0][:5] == [PHASE_ADAPT] * 5
+    assert sorted(set(first_domain)) == list(np.flatnonzero(codes == 0))
+    predicted = {k % len(codes) for plan in plans for b in plan for k in b if k // len(codes) == PHASE_PREDICT}
+    assert predicted == set(range(len(codes)))
+
+
+def test_adabn_statistics_equal_a_hand_computation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1), nn.Dropout(0.5))
+    net.eval()
+    before = save_bn_state(net)
+    batches = [torch.randn(3, 2, 4, 4) * 2 + 1, torch.randn(2, 2, 4, 4) - 3]
+    start_domain(net)
+    with adapting(net):
+        for x in batches:
+            net(x)
+    bn = net[1]
+    assert not bn.training and not net[4].training  # BatchNorm back in eval mode; dropout never left it
+    conv = [net[0](x).detach() for x in batches]
+    # momentum=None: the running statistics are the plain mean of the batches' statistics
+    mean = torch.stack([c.mean(dim=(0, 2, 3)) for c in conv]).mean(0)
+    var = torch.stack([c.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for c in conv]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    restore_bn_state(net, before)
+    torch.testing.assert_close(bn.running_mean, torch.zeros(3))
+    assert bn.momentum == 0.1
+
+
+def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store):
+    """rcic's domain-wise prediction equals adapting the network to one plate by hand and predicting it."""
+    from rcic.data.augment import prepare
+    from rcic.predict.runner import predict_run
+    from rcic.training.fit import build_task
+
+    source = open_source(tiny_store)
+    recipe = load_recipe("cpu-demo", [*TINY, "model.adabn=plate"])
+    dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
+    task = build_task(dm, recipe, "workers", False)
+    trained = {k: v.clone() for k, v in task.state_dict().items()}
+    wells, logits, _, _ = predict_run(task, source, "test", tta=1, batch_size=3, accelerator="cpu")
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in trained.items())  # statistics restored
+    dm.setup("predict")
+    rows = dm.rows_for("test")
+    plate = rows[(rows["experiment"] == rows["experiment"].iloc[0]) & (rows["plate"] == 2)]
+    dataset = dm.well_dataset(plate, {c: i for i, c in enumerate(task.cell_types)})
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item["image"] for item in items]).flatten(0, 1)
+    x = prepare(images, recipe.data.normalization, torch.stack([item["stats"] for item in items]).flatten(0, 1),
+                task.input_size)
+    cell = torch.stack([item["cell_type"] for item in items]).repeat_interleave(2)
+    net = task.net.eval()
+    start_domain(net)
+    with adapting(net):
+        for start in range(0, len(items), 3):  # the same batches of 3 wells (6 sites)
+            net(x[start * 2:(start + 3) * 2], cell[start * 2:(start + 3) * 2])
+    with torch.no_grad():
+        expected = net(x, cell)["logits"].view(len(items), 2, -1).mean(1).numpy()
+    rows_of = {c: i for i, c in enumerate(wells["id_code"])}
+    got = logits[[rows_of[c] for c in dataset.wells["id_code"]]]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_plate_controls_statistics_equal_a_hand_computation(tiny_store):
+    source = open_source(tiny_store)
+    recipe = load_recipe("cpu-demo", [*TINY, "data.normalization=plate_controls"])
+    dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
+    dm.setup("fit")
+    sites = dm.sites
+    on_plate = (sites["experiment"] == "HUVEC-01") & (sites["plate"] == 3)
+    controls = sites[on_plate & (sites["well_type"] != "treatment")]
+    pixels = np.stack([source.read_site(row) for _, row in controls.iterrows()]).astype(np.float64)
+    pixels = pixels.transpose(1, 0, 2, 3).reshape(pixels.shape[1], -1)  # channel x every control pixel
+    expected = np.stack([pixels.mean(1), pixels.std(1)], axis=1)
+    for i in np.flatnonzero(on_plate.to_numpy()):  # treatment and control sites of the plate alike
+        np.testing.assert_allclose(dm._stats[i], expected, rtol=1e-4)
+    other = (sites["experiment"] == "HUVEC-01") & (sites["plate"] == 1)
+    assert not np.allclose(dm._stats[np.flatnonzero(other.to_numpy())[0]], expected)
+
+
+def test_sinkhorn_rows_and_columns_sum_to_one_and_plates_stay_permutations():
+    rng = np.random.default_rng(0)
+    square = np.log(rng.dirichlet(np.full(6, 0.3), size=6))
+    square[:, 0] += 3  # a model biased towards one treatment
+    balanced = sinkhorn(square)
+    np.testing.assert_allclose(balanced.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(balanced.sum(0), 1, atol=1e-6)
+    # a balanced matrix is a rescaled one: each entry's ratio to the original is row factor x column factor
+    ratio = np.log(balanced) - square
+    np.testing.assert_allclose(ratio - ratio[:, :1] - ratio[:1, :] + ratio[0, 0], 0, atol=1e-8)
+    wide = sinkhorn(np.log(rng.dirichlet(np.ones(7), size=5)))  # two wells missing from a plate
+    np.testing.assert_allclose(wide.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(wide.sum(0), 5 / 7, atol=1e-6)
+    wells, logp, classes, groups, truth = _toy(n_per_group=6, signal=1.0, seed=5)
+    choices = choose_rotations(wells, logp, classes, groups)
+    assigned = assign_plates(wells, logp, classes, groups, choices, balance="sinkhorn")
+    for p in range(1, 5):
+        rows = np.flatnonzero(wells["plate"].to_numpy() == p)
+        allowed = {classes.index(c) for c in groups.groups[choices["X-01"].order[p - 1]]}
+        assert len(set(assigned[rows])) == len(rows) and set(assigned[rows]) == allowed
+
+
+def test_resumed_plate_batch_run_ends_with_the_uninterrupted_weights(tiny_store, tmp_path):
+    source = open_source(tiny_store)
+    recipe = load_recipe("cpu-demo", [*TINY, "data.batch_size=5", "trainer.epochs=1", "trainer.limit_train_batches=4",
+                                      "trainer.checkpoint_every_n_steps=2", "data.sampler=plate",
+                                      "model.center_embeddings=plate", "model.adabn=plate"])
+    fit(source, recipe, tmp_path / "full", progress=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(source, recipe, tmp_path / "killed", progress=False, extra_callbacks=[_Crash(3)])
+    last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 and last["epoch"] == 0  # in the middle of epoch 0 (4 batches)
+    fit(source, recipe, tmp_path / "killed", resume=True, progress=False)
+    a, b = (_weights(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "killed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    history = [pd.read_csv(tmp_path / r / "history.csv") for r in ("full", "killed")]
+    pd.testing.assert_frame_equal(*history, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "data.sampler=plate", "--set", "data.batch_size=16"],
+     "recipe key data.sampler: plate draws every batch from one plate, but data.batch_size 16 is larger than the "
+     "training sites of the smallest plate (HEPG2-01 plate 1: 10 sites; 8 plates of 10-10 sites)"),
+    (["--set", "model.center_embeddings=plate"], "recipe key model.center_embeddings: plate centres each training "
+                                                 "batch by its domains' means and needs domain batches"),
+])
+def test_bad_plate_aware_recipes_exit_2_with_one_line(tiny_store, tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out,
+                   *[a for key in TINY for a in ("--set", key)], *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_plate_controls_on_a_plate_without_controls_exits_2(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "test.csv", "test_controls.csv"):
+        (data / name).write_bytes((tiny_data / name).read_bytes())
+    controls = pd.read_csv(tiny_data / "train_controls.csv")
+    controls[~((controls["experiment"] == "HEPG2-02") & (controls["plate"] == 4))].to_csv(
+        data / "train_controls.csv", index=False)
+    for folder in ("train", "test"):
+        (data / folder).symlink_to(tiny_data / folder)
+    proc = run_cli("train", "--data", data, "--recipe", "cpu-demo", "--out", tmp_path / "run",
+                   *[a for key in TINY for a in ("--set", key)], "--set", "data.normalization=plate_controls",
+                   check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("recipe key data.normalization: plate_controls needs control wells on every plate; 1 of 24 plates "
+            "have none (first: HEPG2-02 plate 4, 0 control sites of 4)") in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_balance_or_adabn_exits_2_with_one_line(tiny_data, tmp_path):
+    logits = tmp_path / "x.npz"
+    np.savez(logits, id_code=np.array(["a"]), logits=np.zeros((1, 1), np.float32), classes=np.array(["1"]))
+    for command in (["submit", "--data", tiny_data, "--logits", logits, "--out", tmp_path / "s.csv"],
+                    ["evaluate", tmp_path, "--data", tiny_data]):
+        proc = run_cli(*command, "--balance", "hungarian", check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == \
+            "error: --balance must be one of none, sinkhorn, got 'hungarian'"
+    proc = run_cli("predict", tmp_path, "--data", tiny_data, "--out", tmp_path / "p.npz", "--adabn", "well",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "error: --adabn must be one of recipe, none, plate, experiment, got 'well'"
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "p.npz").exists()
