@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -219,8 +220,6 @@ def known_relationship_recall(labels: list[str] | np.ndarray, features: np.ndarr
 def read_compound_genes(path, map_genes: set[str]) -> pd.DataFrame:
     """The ground truth (``gene_symbol``, ``nM_value``, ``treatment``; more columns ignored): every gene
     must be a gene of the map, since any of them may be drawn as a negative."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise DataError("compound-gene file not found" if not path.exists() else "is not a file", path)
@@ -367,14 +366,19 @@ def run_benchmark(metadata_path, embeddings_path, corrections: list[str], source
                   progress: Callable[[int, int], None] | None = None) -> BenchmarkResult:
     """The benchmark from the files as downloaded; every input checked before the long work starts."""
     from rcic.rxrx3.formats import read_embeddings, read_metadata
-    from rcic.rxrx3.relationships import relationship_sets
+    from rcic.rxrx3.relationships import read_relationships, relationship_sets, source_name, source_path
 
     for method in corrections:
         if method not in CORRECTIONS:
             raise DataError(f"unknown correction {method!r}; choose from {', '.join(CORRECTIONS)}")
-    relationships = relationship_sets(sources, notify=notify)
+    for name in sources:  # a misspelt source, or a missing package or file, fails before the embeddings are read
+        if source_name(name) is not None or (Path(name).suffix == "" and not Path(name).is_file()):
+            source_path(name)
+        elif not Path(name).is_file():
+            read_relationships(name)  # the error: file not found
     metadata = read_metadata(metadata_path)
     embedded = read_embeddings(embeddings_path, metadata, metadata_path)
+    relationships = relationship_sets(sources, notify=notify)
     notes = []
     if embedded.wells_without_embedding:
         notes.append(f"{embedded.wells_without_embedding} wells of the metadata have no embedding (left out)")

@@ -47,8 +47,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from rcic.errors import DataError
-from rcic.io.images import load_site
-from rcic.io.metadata import LAYOUTS, Dataset, check_site_table, read_dataset
+from rcic.io.metadata import Dataset
+from rcic.store.rxrx3_source import LAYOUTS, check_site_table, load_site, read_dataset  # + RxRx3-core's shards
 from rcic.parallel import imap_processes
 from rcic.store.location import Location, NotFound, is_url, remote_errors
 
@@ -431,6 +431,8 @@ class PackedStore:
         order = None
         if "submission_order.csv" in self._checksums:
             order = self._submission_order(sites)
+        if "missing.csv" in self._checksums:
+            self._verified("missing.csv")  # the report a user reads: damaged, it would misstate what was left out
         self.dataset = Dataset(root=self.path, layout=self.layout, sites=sites, submission_order=order)
         self._images = None
         self._reader = None
