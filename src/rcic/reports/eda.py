@@ -220,21 +220,22 @@ def synthetic_vs_real_section(source: ImageSource, out: Path, real: dict, real_i
     from rcic.synth.intensity import STATISTICS, channel_statistics
 
     cell_types = sorted(source.dataset.sites.cell_type.unique())
-    fig, axes = plt.subplots(len(cell_types), 2, figsize=(6.4, 3.1 * len(cell_types)), squeeze=False)
+    # one column per cell type: this dataset on top, real below (a wide picture, as the README shows it)
+    fig, axes = plt.subplots(2, len(cell_types), figsize=(2.6 * len(cell_types), 5.6), squeeze=False)
     rows = []
-    for (mine_ax, real_ax), cell_type in zip(axes, cell_types):
+    for mine_ax, real_ax, cell_type in zip(axes[0], axes[1], cell_types):
         for ax in (mine_ax, real_ax):
             ax.axis("off")
-        chosen = _dataset_sites_like_real(source.dataset.sites, cell_type, count=8).to_dict("records")
-        images = []
-        for row in chosen:
+        images, names = [], []
+        for row in _dataset_sites_like_real(source.dataset.sites, cell_type, count=8).to_dict("records"):
             try:
                 images.append(source.read_site(row))
             except DataError:
                 continue
+            names.append(f"{row['experiment']} {row['well']}")
         if images:
             mine_ax.imshow(to_rgb(images[0].transpose(1, 2, 0)), interpolation="nearest")
-            mine_ax.set_title(f"this dataset: {chosen[0]['experiment']} {chosen[0]['well']}", fontsize=8)
+            mine_ax.set_title(f"this dataset: {names[0]}", fontsize=8)
         if cell_type in real:
             name, image = real[cell_type][0]
             composite = to_rgb(image.transpose(1, 2, 0))
@@ -258,10 +259,10 @@ def synthetic_vs_real_section(source: ImageSource, out: Path, real: dict, real_i
     stats = stats.reset_index()
     return section("This dataset next to real sites",
                    f"<p>Composites through the same official 6-channel mapping (Recursion's rxrx1 colours and "
-                   f"ranges), this dataset's sites (negative controls first) on the left and real sites from "
-                   f"{html.escape(str(real_images))} on the right. The table gives each channel's median over the "
+                   f"ranges): this dataset's sites (negative controls first) on top, real sites from "
+                   f"{html.escape(str(real_images))} below. The table gives each channel's median over the "
                    f"sites of its mean, 1st/50th/99th percentile and share of saturated pixels.</p>",
-                   figure("synthetic_vs_real.png", "This dataset (left) and real sites (right), per cell type"),
+                   figure("synthetic_vs_real.png", "This dataset (top) and real sites (bottom), per cell type"),
                    table(stats, "{:.1f}"))
 
 

@@ -398,7 +398,7 @@ def raw_knots(config: SynthConfig, cell_type: str) -> np.ndarray:
     the real experiments' are (no gain, offset or noise: those act on grey levels), so the tone curve
     raw knot -> real grey level matches the real channels whatever the size or the knobs.
     """
-    n_sites = int(np.clip(2**16 // config.image_size**2, 8, 32))
+    n_sites = int(np.clip(2**17 // config.image_size**2, 16, 48))
     negative = config.n_classes + config.n_positive
     per_site = []
     for k in range(n_sites):
