@@ -602,8 +602,13 @@ def map_(
     panel: Annotated[bool, typer.Option(help="Score every correction on the field's batch and bio metrics "
                                              "(scib-metrics, copairs; rcic[panel])")] = False,
     bootstrap: Annotated[int, typer.Option(help="siRNA resamples behind the panel's rank intervals", min=0)] = 200,
-    genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene)")] = None,
-    relationships: Annotated[Path | None, typer.Option(help="Known gene pairs (CSV: gene_a,gene_b)")] = None,
+    genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene); without it the "
+                                                   "labels are gene symbols")] = None,
+    relationships: Annotated[str | None, typer.Option(help="Known gene pairs: corum, humap, reactome, signor, "
+                                                           "stringdb (efaar-benchmarking) or a CSV (gene_a,gene_b)")
+                             ] = None,
+    metadata: Annotated[Path | None, typer.Option(help="RxRx3-core metadata_rxrx3_core.csv, for embeddings keyed "
+                                                       "by well_id")] = None,
     null_size: Annotated[int, typer.Option(help="Permutations behind each mAP p-value", min=100)] = 1000,
     probe: Annotated[bool, typer.Option(help="Fit the linear probe")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
@@ -613,24 +618,32 @@ def map_(
     import pandas as pd
 
     from rcic.atomic import atomic_write_text
-    from rcic.profiles import CONTROLS, PANEL_METHODS, phenomic_map, read_embeddings, read_gene_tables, scored_wells
+    from rcic.profiles import CONTROLS, PANEL_METHODS, phenomic_map, read_embeddings, scored_wells
     from rcic.reports.eda import check_report_folder
     from rcic.reports.map_report import write_map_report
 
     if controls not in CONTROLS:
         raise RcicError(f"--controls must be one of {', '.join(CONTROLS)}, got {controls!r}")
     methods = list(dict.fromkeys(correct or (PANEL_METHODS if panel else ["none", "tvn"])))
-    if (genes is None) != (relationships is None):
-        raise RcicError("--genes and --relationships go together (a siRNA->gene table and known gene pairs)")
-    check_output(out, [embeddings, genes, relationships], folder=True)
+    if genes is not None and relationships is None:
+        raise RcicError("--genes needs --relationships (the known gene pairs its genes are scored on)")
+    check_output(out, [embeddings, genes, relationships, metadata], folder=True)
     check_report_folder(out)
-    meta, x = read_embeddings(embeddings)
+    if metadata is not None:  # RxRx3-core: embeddings keyed by well_id, the download's metadata beside them
+        from rcic.rxrx3.mapping import read_rxrx3_embeddings
+
+        meta, x = read_rxrx3_embeddings(embeddings, metadata)
+    else:
+        meta, x = read_embeddings(embeddings)
     keep, line = scored_wells(meta, include_seen)
     (err_console if as_json else console).print(line, markup=False, highlight=False)
     meta, x = meta[keep].reset_index(drop=True), x[keep]
     gene_table = pairs = None
-    if genes is not None:
-        gene_table, pairs = read_gene_tables(genes, relationships, meta)
+    if relationships is not None:
+        from rcic.rxrx3.mapping import map_relationships
+
+        gene_table, pairs = map_relationships(relationships, genes, meta,
+                                              lambda line: err_console.print(line, highlight=False))
     panel_table = None
     with progress_bar("map") as update:
         if panel:

@@ -16,12 +16,42 @@ import numpy as np
 import pandas as pd
 
 from rcic.errors import DataError
-from rcic.profiles.correct import METHODS, correct
-from rcic.profiles.embeddings import META_COLUMNS, embedding_frame, read_embeddings, write_embeddings
+from rcic.profiles.correct import CONTROLS, METHODS, PANEL_METHODS, correct
+from rcic.profiles.embeddings import (
+    META_COLUMNS,
+    SEEN,
+    embed_wells,
+    embedding_frame,
+    embedding_runs,
+    read_embeddings,
+    write_embeddings,
+)
 from rcic.profiles.metrics import NULL_SIZE, known_recall, map_from_average_precision, probe_accuracy, similarity_scores
 
-__all__ = ["META_COLUMNS", "METHODS", "MapResult", "correct", "embedding_frame", "phenomic_map", "read_embeddings",
-           "read_gene_tables", "write_embeddings"]
+__all__ = ["CONTROLS", "DEFAULT_CONTROLS", "META_COLUMNS", "METHODS", "PANEL_METHODS", "MapResult", "SEEN",
+           "correct", "embed_wells", "embedding_frame", "embedding_runs", "phenomic_map", "read_embeddings",
+           "read_gene_tables", "scored_wells", "write_embeddings"]
+
+# chosen on the synthetic gene layer and on model-free features (BENCHMARKS.md, "Which controls")
+DEFAULT_CONTROLS = "negative"
+
+
+def scored_wells(meta: pd.DataFrame, include_seen: bool = False) -> tuple[np.ndarray, str]:
+    """(mask of the wells to score, one line saying which): the wells no model trained on, unless
+    ``include_seen``; every well of a table without ``seen_in_training``."""
+    n = len(meta)
+    if SEEN not in meta.columns:
+        return np.ones(n, bool), (f"no {SEEN} column: all {n:,} wells are treated as unseen by the model that "
+                                  "made them (rcic embed records it)")
+    seen = meta[SEEN].to_numpy(bool)
+    if include_seen:
+        return np.ones(n, bool), (f"scoring all {n:,} wells, {int(seen.sum()):,} of them seen in training "
+                                  "(--include-seen)")
+    if seen.all():
+        raise DataError(f"all {n:,} wells were seen in training by the model that embedded them: embed held-out "
+                        "experiments (rcic embed RUN... --split val) or pass --include-seen")
+    return ~seen, (f"scoring {int((~seen).sum()):,} wells unseen in training ({int(seen.sum()):,} seen wells left out; "
+                   "--include-seen keeps them)")
 
 
 @dataclass
@@ -51,8 +81,10 @@ def read_gene_tables(genes: str | Path, relationships: str | Path, meta: pd.Data
 
 def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: pd.DataFrame | None = None,
                  relationships: pd.DataFrame | None = None, null_size: int = NULL_SIZE, probe: bool = True,
-                 source=None, progress: Callable[[int, int], None] | None = None) -> MapResult:
-    """Correct the embeddings with each method and score them (see ``rcic.profiles.metrics``)."""
+                 source=None, progress: Callable[[int, int], None] | None = None,
+                 controls: str = DEFAULT_CONTROLS) -> MapResult:
+    """Correct the embeddings with each method (control-based ones on ``controls``) and score them
+    (see ``rcic.profiles.metrics``)."""
     for method in methods:
         if method not in METHODS:
             raise DataError(f"unknown correction {method!r}; choose from {', '.join(METHODS)}")
@@ -67,7 +99,7 @@ def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: p
 
     for method in dict.fromkeys(methods):
         start = time.perf_counter()
-        z = correct(meta, x, method, source)
+        z = correct(meta, x, method, source, controls)
         tick()
         similarity = similarity_scores(meta, z)
         tick()

@@ -3,10 +3,17 @@
 One row per well, the metadata columns ``META_COLUMNS`` and the features as ``emb_0..emb_{D-1}``.
 Any parquet with those columns is accepted (CellProfiler profiles, a foundation model's
 features): the other commands read nothing else.
+
+``rcic embed`` adds ``seen_in_training`` (whether a model that made the well's embedding had
+trained on its experiment) and records the runs in the parquet's key-value metadata (key
+``rcic``). ``--split val`` with the K runs of a K-fold cross-validation embeds every labelled
+experiment with the one fold model that held it out: an out-of-fold map.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +23,110 @@ from rcic.atomic import atomic_path
 from rcic.errors import DataError
 
 META_COLUMNS = ["id_code", "experiment", "plate", "well", "cell_type", "well_type", "label"]
+SEEN = "seen_in_training"
 WELL_TYPES = ("treatment", "positive_control", "negative_control")
+METADATA_KEY = b"rcic"
 
 
-def embedding_frame(wells: pd.DataFrame, features: np.ndarray) -> pd.DataFrame:
-    """The table of ``rcic embed``: metadata columns, then ``emb_*`` (float32)."""
+def embedding_frame(wells: pd.DataFrame, features: np.ndarray, seen: np.ndarray | None = None) -> pd.DataFrame:
+    """The table of ``rcic embed``: metadata columns, ``seen_in_training`` (when known), then ``emb_*`` (float32)."""
     meta = wells[META_COLUMNS].reset_index(drop=True).copy()
     meta["plate"] = meta["plate"].astype(int)
     meta["label"] = meta["label"].fillna("").astype(str)
+    if seen is not None:
+        meta[SEEN] = np.asarray(seen, bool)
     emb = pd.DataFrame(features.astype(np.float32), columns=[f"emb_{i}" for i in range(features.shape[1])])
     return pd.concat([meta, emb], axis=1)
 
 
-def write_embeddings(path: str | Path, frame: pd.DataFrame) -> None:
+def write_embeddings(path: str | Path, frame: pd.DataFrame, runs: list[dict] | None = None) -> None:
+    """Parquet, atomically; ``runs`` (the models that made it) go to the key-value metadata ``rcic``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if path.suffix != ".parquet":
         raise DataError("embeddings are written as parquet: give a file name ending in .parquet", path)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if runs is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               METADATA_KEY: json.dumps({"runs": runs}).encode()})
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
+
+
+def embedding_runs(path: str | Path) -> list[dict] | None:
+    """The runs recorded by ``rcic embed`` in an embeddings parquet (None for other tables)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in metadata:
+        return None
+    return json.loads(metadata[METADATA_KEY])["runs"]
+
+
+def trained_experiments(run_dir: str | Path, wells: pd.DataFrame) -> set[str]:
+    """The experiments of ``wells`` a run trained on, from its ``run.json``: the labelled experiments
+    it did not hold out, and the test experiments too when it trained on pseudo-labels."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise DataError("no readable run.json: cannot tell which experiments the run trained on", run_dir) from None
+    held_out = set(info.get("val_experiments") or [])
+    trained = set(wells.loc[wells["split"] == "train", "experiment"]) - held_out
+    if info.get("pseudo_sites"):
+        trained |= set(wells.loc[wells["split"] == "test", "experiment"])
+    return trained
+
+
+def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, int], None] | None = None,
+                **predict_options) -> tuple[pd.DataFrame, list[dict]] | None:
+    """The embeddings table of ``rcic embed`` and the runs behind it (None on a non-zero DDP rank).
+
+    ``split`` ``val``: runs are grouped by the experiments they held out (runs of one fold are
+    ensembled); each group embeds its own held-out experiments, so every labelled experiment is
+    embedded by models that never trained on it. Two groups may not hold out the same experiment.
+    ``all``, ``train``, ``test``: every run embeds every chosen well.
+    """
+    from rcic.predict import predict, run_val_experiments
+
+    runs = [Path(r) for r in runs]
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    if split == "val":
+        for run in runs:
+            groups.setdefault(tuple(run_val_experiments(run)), []).append(run)
+        seen_where: dict[str, Path] = {}
+        for held_out, members in groups.items():
+            for experiment in held_out:
+                if experiment in seen_where:
+                    raise DataError(f"experiment {experiment} is held out by two different folds "
+                                    f"({seen_where[experiment]} and {members[0]}): give one run (or one ensemble) "
+                                    "per fold", members[0])
+                seen_where[experiment] = members[0]
+    else:
+        groups[()] = runs
+    wells_all = source.dataset.wells
+    frames, records = [], []
+    for i, members in enumerate(groups.values()):
+        sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(groups) * n))
+        logits = predict(members, source, split=split, embeddings=True, controls=True, progress=sub,
+                         **predict_options)
+        if logits is None:
+            return None
+        trained = set().union(*(trained_experiments(r, wells_all) for r in members))
+        seen = logits.wells["experiment"].isin(trained).to_numpy()
+        frames.append(embedding_frame(logits.wells, logits.extra["embeddings"], seen))
+        for run in members:
+            info = json.loads((run / "run.json").read_text())
+            records.append({"run": str(run.resolve()), "recipe_digest": info.get("recipe_digest"),
+                            "val_experiments": info.get("val_experiments") or [],
+                            "embedded_experiments": sorted(set(logits.wells["experiment"]))})
+    widths = {f.shape[1] for f in frames}
+    if len(widths) > 1:
+        raise DataError("the folds' embeddings differ in width (--combine concat with a different number of runs "
+                        "per fold?)")
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values("id_code", kind="stable").reset_index(drop=True), records
 
 
 def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -64,6 +157,10 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise DataError(f"{int(bad.sum())} wells have NaN or infinite embeddings (first "
                         f"{frame['id_code'].iloc[int(np.argmax(bad))]!r})", path)
     meta = frame[META_COLUMNS].copy()
+    if SEEN in frame.columns:
+        if frame[SEEN].dtype != bool:
+            raise DataError(f"column {SEEN} must be true/false", path)
+        meta[SEEN] = frame[SEEN].to_numpy()
     for column in META_COLUMNS:
         meta[column] = meta[column].astype(str).str.strip() if column != "plate" else meta[column]
     meta["label"] = meta["label"].replace({"nan": "", "None": ""})

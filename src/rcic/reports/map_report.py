@@ -30,6 +30,44 @@ def scores_table(scores: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PANEL_SCORE_COLUMNS = ("silhouette batch", "iLISI", "kBET", "graph connectivity", "batch", "replicate mAP",
+                       "consistency mAP", "Leiden NMI", "Leiden ARI", "silhouette label", "cLISI", "isolated labels",
+                       "bio", "overall")
+
+
+def panel_display(panel: pd.DataFrame) -> pd.DataFrame:
+    """The panel as printed: metrics rounded, the rank with its bootstrap interval, NaN as '-'."""
+    shown = panel[["correction", *[c for c in PANEL_SCORE_COLUMNS if c in panel.columns]]].copy()
+    shown["rank (95% CI)"] = [f"{r} ({lo}-{hi})" if pd.notna(lo) else str(r)
+                              for r, lo, hi in zip(panel["rank"], panel["rank 95% low"], panel["rank 95% high"])]
+    return shown.astype(object).where(shown.notna(), "-")
+
+
+def panel_heat_table(panel: pd.DataFrame) -> str:
+    """Metrics (columns) by correction (rows), each cell shaded by its value on the metric's [0, 1]
+    scale (scib-metrics' scores all lie there): the heat table of scIB and Arevalo et al."""
+    columns = [c for c in PANEL_SCORE_COLUMNS if c in panel.columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["correction", *columns, "rank (95% CI)"])
+    rows = []
+    for _, row in panel.sort_values("overall", ascending=False).iterrows():
+        cells = [f"<td>{html.escape(str(row['correction']))}</td>"]
+        for c in columns:
+            value = row[c]
+            if pd.isna(value):
+                cells.append("<td></td>")
+                continue
+            shade = float(np.clip(value, 0, 1))
+            red, green, blue = (int(255 - shade * (255 - a)) for a in (49, 130, 189))  # white -> blue
+            ink = "#fff" if shade > 0.6 else "#1d2330"
+            bold = ' style="font-weight:600"' if c in ("batch", "bio", "overall") else ""
+            cells.append(f'<td style="background:rgb({red},{green},{blue});color:{ink}"{bold}>{value:.3f}</td>')
+        low, high = row.get("rank 95% low"), row.get("rank 95% high")
+        rank = f"{row['rank']} ({low}-{high})" if pd.notna(low) else str(row["rank"])
+        cells.append(f"<td>{html.escape(rank)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table class="heat"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
 def _pca2(x: np.ndarray) -> np.ndarray:
     centred = x - x.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -80,7 +118,8 @@ def recall_plot(scores: dict[str, dict], path: Path, chance: float) -> bool:
 
 
 def write_map_report(out: str | Path, meta: pd.DataFrame, scores: dict[str, dict],
-                     corrected: dict[str, np.ndarray], source: str, chance: float = 0.10) -> Path:
+                     corrected: dict[str, np.ndarray], source: str, chance: float = 0.10,
+                     panel: pd.DataFrame | None = None, controls: str | None = None) -> Path:
     out = Path(out)
     check_report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +131,15 @@ def write_map_report(out: str | Path, meta: pd.DataFrame, scores: dict[str, dict
                                       "without batch effects); known recall: known gene pairs in the top or bottom "
                                       "5% of gene-gene similarities (chance 0.10); probe: held-out-experiment "
                                       "accuracy of a logistic regression.</p>", table(scores_table(scores)))]
+    if panel is not None:
+        sections.append(section(
+            "Correction panel",
+            "<p>Every correction of the same embeddings scored as Arevalo et al. (Nat Commun 2024) score them: "
+            "batch removal (silhouette batch, iLISI, kBET, graph connectivity) and biology (replicate mAP against "
+            "negative controls, consistency mAP, Leiden NMI/ARI, silhouette label, cLISI, isolated labels), each "
+            "within a cell type (scib-metrics, copairs); overall = 0.4 x batch + 0.6 x bio on the raw scores. "
+            "Rank by overall, with its 95% interval over bootstrap resamples of the siRNAs. Darker is better.</p>",
+            panel_heat_table(panel)))
     embedding_plot(meta, corrected, out / "embeddings.png")
     sections.append(section("Wells before and after correction",
                             figure("embeddings.png", "PCA of the wells, coloured by experiment (left) and by siRNA "
@@ -105,5 +153,8 @@ def write_map_report(out: str | Path, meta: pd.DataFrame, scores: dict[str, dict
     counts = meta.groupby("well_type").size().rename("wells").reset_index()
     sections.append(section("Wells", table(counts)))
     path = out / "map.html"
-    write_page(path, page("rcic phenomic map", f"{html.escape(str(source))} · {len(meta)} wells", sections))
+    scored = f"{len(meta)} wells scored"
+    if controls:
+        scored += f" · control-based corrections on --controls {controls}"
+    write_page(path, page("rcic phenomic map", f"{source} · {scored}", sections))
     return path
