@@ -20,7 +20,7 @@ _rcic_setup() {
   if [ ! -f "$stamp" ]; then
     echo "installing rcic and its pinned dependencies into .venv (first run only)" >&2
     "$RCIC_ROOT/.venv/bin/python" -m pip install -qq --upgrade pip &&
-      "$RCIC_ROOT/.venv/bin/python" -m pip install -qq -e "$RCIC_ROOT[dev]" || return 1
+      "$RCIC_ROOT/.venv/bin/python" -m pip install -qq -e "$RCIC_ROOT[dev,panel]" || return 1
     # the gene relationships of `rcic benchmark rxrx3-core` / `rcic map --relationships corum`: data files
     # only, so without its declared dependencies (they would replace pinned ones)
     "$RCIC_ROOT/.venv/bin/python" -m pip install -qq --no-deps efaar-benchmarking==1.0 || return 1
