@@ -254,3 +254,16 @@ def test_synthetic_download_format_and_shards(tmp_path):
     assert len(dataset.sites) == len(meta) and set(dataset.sites["site"]) == {1}
     first = dataset.sites.iloc[0]
     assert load_site(out, first["id_code"]).shape == (6, 16, 16)
+
+
+def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path):
+    proc = run_cli("map", synth3 / EMBEDDINGS_FILE, "--metadata", synth3 / METADATA_FILE, "--relationships", "CORUM",
+                   "--out", tmp_path / "map", "--correct", "none", "--no-probe", "--null-size", "100")
+    assert "CC-BY-NC 4.0" in proc.stderr
+    scores = json.loads((tmp_path / "map" / "scores.json").read_text())["none"]
+    # the map's labels are the genes: its pairs are CORUM's pairs among the 70 knocked-out genes
+    map_ = _map(synth3, "none")
+    is_gene = (map_.metadata["perturbation_type"] == "CRISPR").to_numpy()
+    expected = known_relationship_recall(map_.metadata["perturbation"].to_numpy(), map_.features,
+                                         {"CORUM": _sources()["CORUM"]}, lookup=is_gene).table
+    assert scores["known_pairs"] == expected["query_distribution_size"].iloc[0]

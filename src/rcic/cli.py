@@ -97,6 +97,8 @@ def check_output(out: Path | str, inputs: list[Path | str | None], folder: bool 
         raise RcicError("exists and is not a folder; choose another output path", out)
     if not folder and out.is_dir():
         raise RcicError("is a folder; give a file name", out)
+    if not folder and out.exists() and not out.is_file():  # replacing a FIFO or /dev/null is never meant
+        raise RcicError("exists and is not a regular file (a FIFO or device); choose another output path", out)
 
 
 def _table(title: str, frame, console_=console) -> None:
