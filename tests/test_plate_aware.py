@@ -186,7 +186,7 @@ def test_resumed_plate_batch_run_ends_with_the_uninterrupted_weights(tiny_store,
 @pytest.mark.parametrize("args,message", [
     (["--set", "data.sampler=plate", "--set", "data.batch_size=16"],
      "recipe key data.sampler: plate draws every batch from one plate, but data.batch_size 16 is larger than the "
-     "training sites of the smallest plate (HEPG2-01 plate 1: 10 sites; 8 plates of 10-10 sites)"),
+     "training sites of the smallest plate (HEPG2-02 plate 1: 10 sites; 8 plates of 10-10 sites)"),
     (["--set", "model.center_embeddings=plate"], "recipe key model.center_embeddings: plate centres each training "
                                                  "batch by its domains' means and needs domain batches"),
 ])

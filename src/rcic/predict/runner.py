@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,7 +141,11 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
                         callbacks=[writer], enable_progress_bar=False, enable_model_summary=False,
                         **distribution(devices))
     try:
-        trainer.predict(task, dataloaders=loader, return_predictions=False)
+        with warnings.catch_warnings():
+            # DomainEvalSampler: Lightning cannot see that a custom batch sampler returns every well; it does
+            # (each domain's prediction phase covers all its wells, tested), so its warning says nothing here
+            warnings.filterwarnings("ignore", message=r"You are using a custom batch sampler")
+            trainer.predict(task, dataloaders=loader, return_predictions=False)
     except SystemExit:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
