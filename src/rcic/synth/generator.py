@@ -9,9 +9,11 @@ Images are rendered cell by cell: nucleus (w1), endoplasmic reticulum (w2), acti
 nucleoli/RNA spots (w4), mitochondria spots (w5) and a Golgi blob (w6). Each siRNA shifts
 morphology (sizes, shape, spot counts, compartment intensity ratios), some strongly and some
 subtly; controls strongly. Experiments add batch effects (per-channel gain and offset, uneven
-illumination, focus, cell density) and cell types differ, so a model that does not normalise
-generalises worse to unseen experiments. Each site has its own random stream, so the output
-is byte-identical for a seed whatever the number of workers.
+illumination, focus, cell density), plates optionally their own (``plate_effect``: a shift of
+morphology, gain and offset, focus), and cell types differ, so a model that does not normalise
+generalises worse to unseen experiments and plates. Grey levels follow the real channels of each
+cell type (``rcic.synth.intensity``: tone curves matched to the real PNGs). Each site has its own
+random stream, so the output is byte-identical for a seed whatever the number of workers.
 
 Biology to find: every siRNA targets a gene (some genes by two siRNAs), genes form complexes
 (pathways) whose members share a phenotype direction, so replicate retrieval, batch correction
@@ -20,7 +22,8 @@ and known-relationship recall all have a known right answer (``genes.csv``: labe
 
 Knobs for what real data varies (``SynthConfig``): batch-effect strength, size and spread of the
 siRNA effects, how much of an effect is specific to a cell type, how different the cell types'
-morphology is, image size, and wells missing from plates. ``layout="wilds"`` writes the WILDS
+morphology is, image size, wells missing from plates, plate effects and negative controls per
+plate. ``layout="wilds"`` writes the WILDS
 release instead (metadata.csv, 3-channel composite PNGs, sirna_id labels, train/val/test split).
 """
 
@@ -41,7 +44,7 @@ import pandas as pd
 from rcic.errors import DataError
 from rcic.io.images import to_rgb
 from rcic.parallel import imap_processes
-from rcic.synth.intensity import QUANTILES, REAL_QUANTILES, strictly_increasing, tone_map
+from rcic.synth.intensity import QUANTILES, grey_levels, strictly_increasing, tone_map
 
 ROWS = "BCDEFGHIJKLMNO"
 COLS = range(2, 24)
@@ -386,8 +389,8 @@ def render_site(config: SynthConfig, cell_type: str, cls: int, batch: dict, rng:
     """One site as (6, S, S) uint8: the cells of ``cls`` under the experiment's and the plate's effects, in
     grey levels matched to the real channels of ``cell_type``."""
     raw = _render_raw(config, cell_type, cls, batch, plate, rng)
-    grey = tone_map(raw, raw_knots(config, cell_type), cell_type)
-    return _camera(grey, cell_type, batch, plate, rng)
+    levels = grey_levels(cell_type, config.morphology)
+    return _camera(tone_map(raw, raw_knots(config, cell_type), levels), levels, batch, plate, rng)
 
 
 @lru_cache(maxsize=32)
@@ -491,9 +494,9 @@ def _optics(canvas: np.ndarray, batch: dict, plate: dict) -> np.ndarray:
     return image
 
 
-def _camera(grey: np.ndarray, cell_type: str, batch: dict, plate: dict, rng: np.random.Generator) -> np.ndarray:
+def _camera(grey: np.ndarray, levels: np.ndarray, batch: dict, plate: dict, rng: np.random.Generator) -> np.ndarray:
     """Exposure (gain), background offset and shot noise of the experiment and the plate, then 8 bits."""
-    background = REAL_QUANTILES[cell_type][:, int(np.searchsorted(QUANTILES, 0.05))]
+    background = levels[:, int(np.searchsorted(QUANTILES, 0.05))]
     gain = batch["gain"] * plate["gain"]
     offset = (batch["offset"] + plate["offset"]) * background
     image = grey * gain[:, None, None].astype(np.float32) + offset[:, None, None].astype(np.float32)

@@ -84,10 +84,20 @@ def real_quantiles(images: str | Path) -> dict[str, np.ndarray]:
             for ct in cell_types if all((ct, c) in per_site for c in range(1, 7))}
 
 
-def tone_map(raw: np.ndarray, raw_knots: np.ndarray, cell_type: str) -> np.ndarray:
-    """Grey levels (float) of a (6, H, W) raw site: each channel through its piecewise-linear curve."""
-    grey = REAL_QUANTILES[cell_type]
-    return np.stack([np.interp(raw[c], raw_knots[c], grey[c]) for c in range(len(raw))]).astype(np.float32)
+def grey_levels(cell_type: str, morphology: float = 1.0) -> np.ndarray:
+    """(6, len(QUANTILES)) target grey levels of a cell type. ``morphology`` scales its distance from the
+    average cell type as it scales the shapes (geometrically): 1 gives the real levels, 0 the same levels
+    for every cell type, 2 exaggerated differences."""
+    if morphology == 1:
+        return REAL_QUANTILES[cell_type]
+    own = REAL_QUANTILES[cell_type] + 1
+    mean = np.exp(np.mean([np.log(q + 1) for q in REAL_QUANTILES.values()], axis=0))
+    return np.clip(mean * (own / mean) ** morphology - 1, 0, 255)
+
+
+def tone_map(raw: np.ndarray, raw_knots: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Grey levels (float) of a (6, H, W) raw site: channel c through the curve raw_knots[c] -> levels[c]."""
+    return np.stack([np.interp(raw[c], raw_knots[c], levels[c]) for c in range(len(raw))]).astype(np.float32)
 
 
 def strictly_increasing(knots: np.ndarray) -> np.ndarray:
