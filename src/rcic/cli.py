@@ -685,8 +685,9 @@ def benchmark_rxrx3_core(
     metadata: Annotated[Path, typer.Option(help="metadata_rxrx3_core.csv as downloaded")],
     embeddings: Annotated[Path, typer.Option(help="Embeddings parquet keyed by well_id (feature_* or emb_*)")],
     out: Annotated[Path, typer.Option(help="Report folder (index.html, recall.csv, scores.json)")],
-    correct: Annotated[list[str] | None, typer.Option(help="Correction (repeat): pca-centerscale (published), none, "
-                                                           "center, standardize, tvn, spherize, harmony")] = None,
+    correct: Annotated[list[str] | None, typer.Option(help="Correction (repeat): pca-centerscale (published), or any "
+                                                           "of rcic map: none, pca, center, standardize, spherize, "
+                                                           "tvn, harmony, combat, scanorama")] = None,
     sources: Annotated[list[str] | None, typer.Option("--source", help="Relationship source (repeat): corum, humap, "
                                                                         "reactome, signor, stringdb or a CSV file "
                                                                         "(entity1,entity2); default: the five")] = None,

@@ -38,7 +38,13 @@ ACTIVITY_NM = 1000.0
 INACTIVITY_NM = 10000.0
 MIN_NEGATIVES = 20
 BLOCK_ROWS = 1024
-CORRECTIONS = ("pca-centerscale", "none", "center", "standardize", "tvn", "spherize", "harmony")
+
+def correction_methods() -> tuple[str, ...]:
+    """PCA-CenterScale (the published method), then every correction of ``rcic map``."""
+    from rcic.profiles.correct import METHODS
+
+    return ("pca-centerscale", *METHODS)
+
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +83,10 @@ def correct_wells(metadata: pd.DataFrame, x: np.ndarray, method: str, source=Non
     from rcic.profiles.correct import METHODS, correct
 
     if method not in METHODS:
-        raise DataError(f"unknown correction {method!r}; choose from {', '.join(CORRECTIONS)}")
+        raise DataError(f"unknown correction {method!r}; choose from {', '.join(correction_methods())}")
     meta = pd.DataFrame({"experiment": metadata["experiment_name"].to_numpy(),
-                         "well_type": np.where(controls, "negative_control", "treatment")})
+                         "well_type": np.where(controls, "negative_control", "treatment"),
+                         "label": np.where(controls, "", perturbation(metadata).to_numpy())})
     return correct(meta, x, method, source)
 
 
@@ -369,8 +376,8 @@ def run_benchmark(metadata_path, embeddings_path, corrections: list[str], source
     from rcic.rxrx3.relationships import read_relationships, relationship_sets, source_name, source_path
 
     for method in corrections:
-        if method not in CORRECTIONS:
-            raise DataError(f"unknown correction {method!r}; choose from {', '.join(CORRECTIONS)}")
+        if method not in correction_methods():
+            raise DataError(f"unknown correction {method!r}; choose from {', '.join(correction_methods())}")
     for name in sources:  # a misspelt source, or a missing package or file, fails before the embeddings are read
         if source_name(name) is not None or (Path(name).suffix == "" and not Path(name).is_file()):
             source_path(name)
