@@ -233,9 +233,11 @@ def synthetic_vs_real_section(source: ImageSource, out: Path, real: dict, real_i
             except DataError:
                 continue
             names.append(f"{row['experiment']} {row['well']}")
-        if images:
-            mine_ax.imshow(to_rgb(images[0].transpose(1, 2, 0)), interpolation="nearest")
-            mine_ax.set_title(f"this dataset: {names[0]}", fontsize=8)
+        if images:  # the typical one: median composite brightness among the sampled sites
+            composites = [to_rgb(im.transpose(1, 2, 0)) for im in images]
+            typical = int(np.argsort([c.mean() for c in composites])[(len(composites) - 1) // 2])
+            mine_ax.imshow(composites[typical], interpolation="nearest")
+            mine_ax.set_title(f"this dataset: {names[typical]}", fontsize=8)
         if cell_type in real:
             name, image = real[cell_type][0]
             composite = to_rgb(image.transpose(1, 2, 0))
@@ -257,11 +259,11 @@ def synthetic_vs_real_section(source: ImageSource, out: Path, real: dict, real_i
     stats = stats.pivot_table(index=["cell_type", "channel"], columns="data", values=list(STATISTICS), sort=False)
     stats.columns = [f"{'saturated %' if stat == 'saturated' else stat} ({data})" for stat, data in stats.columns]
     stats = stats.reset_index()
-    return section("This dataset next to real sites",
-                   f"<p>Composites through the same official 6-channel mapping (Recursion's rxrx1 colours and "
-                   f"ranges): this dataset's sites (negative controls first) on top, real sites from "
-                   f"{html.escape(str(real_images))} below. The table gives each channel's median over the "
-                   f"sites of its mean, 1st/50th/99th percentile and share of saturated pixels.</p>",
+    intro = ("<p>Composites through the same official 6-channel mapping (Recursion's rxrx1 colours and ranges): a "
+             "typical site of this dataset (median composite brightness among up to 8 negative controls) on top, "
+             f"real sites from {html.escape(str(real_images))} below. The table gives each channel's median over "
+             "the sites of its mean, 1st/50th/99th percentile and share of saturated pixels.</p>")
+    return section("This dataset next to real sites", intro,
                    figure("synthetic_vs_real.png", "This dataset (top) and real sites (bottom), per cell type"),
                    table(stats, "{:.1f}"))
 
