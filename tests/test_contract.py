@@ -191,6 +191,11 @@ def _release(folder: Path, fx: dict, change) -> list:
     return ["info", folder / "release"]
 
 
+def _fifo_at(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
 def _fifo_csv(folder, fx):
     data = _kaggle(folder, fx)
     _fifo(data / "test.csv")
@@ -387,6 +392,19 @@ CASES = [
          "--precision must be one of auto"),
     Case("junk pretrained_file", lambda d, fx: _train_set(f"model.pretrained_file={_file('w.pth', os.urandom(64))(d)}")
          (d, fx), "w.pth: recipe key model.pretrained_file: not a weights file"),
+    # a hostile user's further tries (issue 17's second round)
+    Case("a PNG with a flipped byte", lambda d, fx: _one_site(d, fx, 5, lambda p: _flip(p, 60)),
+         "B02_s1_w5.png: not a readable PNG image (a damaged 'IDAT' chunk", process=True),
+    Case("submit --out is a FIFO", lambda d, fx: ["submit", "--data", fx["store"], "--logits", fx["test_logits"],
+                                                  "--out", _fifo_at(d / "s.csv")], "s.csv: exists and is not"),
+    Case("logits of no wells", _submit_logits(lambda full, d, fx: {"id_code": full.id_code[:0],
+                                                                   "logits": full.logits[:0],
+                                                                   "classes": full.classes}), "logits of 0 wells"),
+    Case("logits ids as a matrix", _submit_logits(lambda full, d, fx: {"id_code": full.id_code[:4].reshape(2, 2),
+                                                                       "logits": full.logits[:2],
+                                                                       "classes": full.classes}), "must be lists"),
+    Case("store: sites.csv is a folder", _store(lambda s: (s / "sites.csv").unlink() or (s / "sites.csv").mkdir()),
+         "sites.csv: is a folder where the store holds a file"),
     Case("gs:// without gcsfs", lambda d, fx: ["info", "gs://bucket/x.zarr"], "pip install gcsfs"),
     Case("az:// without adlfs", lambda d, fx: ["info", "az://container/x.zarr"], "pip install adlfs"),
 ]
@@ -418,7 +436,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, fixtures, tmp_path):
 def test_unreadable_files(fixtures, tmp_path):
     data = _kaggle(tmp_path, fixtures)
     (data / "test.csv").chmod(0)
-    proc = rcic("info", data)
+    proc = run_cli("info", data, check=False)
     assert proc.returncode == 2 and "permission denied" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
@@ -433,16 +451,14 @@ def test_whitespace_never_makes_a_new_cell_type(fixtures, tmp_path):
 def test_rgb_reads_a_test_well_from_where_its_layout_keeps_it(fixtures, tmp_path):
     ds = read_dataset(fixtures["data"])
     test_well = ds.wells[ds.wells.split == "test"].id_code.iloc[0]
-    proc = rcic("rgb", fixtures["data"], "--id", test_well, "--site", "2", "--out", tmp_path / "t.png")
-    assert proc.returncode == 0, proc.stderr
+    run_cli("rgb", fixtures["data"], "--id", test_well, "--site", "2", "--out", tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 100
 
 
 def test_eda_on_a_png_folder_and_over_its_own_report(fixtures, tmp_path):
     out = tmp_path / "eda"
     for _ in range(2):  # the second run replaces its own earlier report
-        proc = rcic("eda", fixtures["data"], "--out", out)
-        assert proc.returncode == 0, proc.stderr
+        run_cli("eda", fixtures["data"], "--out", out)
     assert (out / "index.html").is_file() and (out / "intensity_by_experiment.png").is_file()
 
 
@@ -451,10 +467,7 @@ def test_score_names_the_whole_experiments_it_scored(fixtures, tmp_path):
     experiment = answers.id_code.str.rsplit("_", n=2).str[0]
     chosen = sorted(experiment.unique())[:2]
     answers[experiment.isin(chosen)][["id_code", "sirna"]].to_csv(tmp_path / "v.csv", index=False)
-    proc = rcic("score", "--submission", tmp_path / "v.csv", "--answers", fixtures["data"] / "train.csv", "--json")
-    assert proc.returncode == 0, proc.stderr
-    import json
-
+    proc = run_cli("score", "--submission", tmp_path / "v.csv", "--answers", fixtures["data"] / "train.csv", "--json")
     result = json.loads(proc.stdout)
     assert result["experiments"] == chosen and result["accuracy"] == 1.0
 

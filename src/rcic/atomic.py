@@ -18,6 +18,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        # a rename would replace the FIFO, device (/dev/null) or folder itself, not write into it
+        from rcic.errors import RcicError
+
+        raise RcicError("exists and is not a regular file (a folder, FIFO or device); choose another output path",
+                        path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:

@@ -101,6 +101,7 @@ def read_png(path: Path, colour: bool = False) -> np.ndarray:
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise DataError(f"PNG header claims {width} x {height} pixels; rcic reads sites of at most {MAX_SIDE} px a "
                         "side (RxRx1's are 512): a damaged or foreign file", path)
+    _check_chunks(raw, path)
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError("not a readable PNG image (corrupt or truncated)", path)
@@ -119,6 +120,27 @@ def read_png(path: Path, colour: bool = False) -> np.ndarray:
     if image.ndim != 2:
         raise DataError(f"expected a single-channel image, found shape {image.shape}", path)
     return image
+
+
+def _check_chunks(raw: np.ndarray, path: Path) -> None:
+    """Every PNG chunk whole and its CRC right, up to IEND: a cut or damaged file is refused here, before libpng
+    would print its own complaint on stderr (a line outside rcic's one-line error)."""
+    import zlib
+
+    data = memoryview(raw)
+    offset = len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        end = offset + 12 + length
+        if end > len(data):
+            break
+        if zlib.crc32(data[offset + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            kind = bytes(data[offset + 4:offset + 8]).decode("latin1")
+            raise DataError(f"not a readable PNG image (a damaged {kind!r} chunk: checksum mismatch)", path)
+        if bytes(data[offset + 4:offset + 8]) == b"IEND":
+            return
+        offset = end
+    raise DataError("not a readable PNG image (truncated: it ends before its last chunk)", path)
 
 
 def load_site(

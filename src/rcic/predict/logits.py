@@ -63,6 +63,11 @@ def load_logits(path: str | Path) -> Logits:
     if missing:
         raise DataError(f"missing array(s) {', '.join(missing)}", path)
     ids, logits, classes = data.pop("id_code").astype(str), data.pop("logits"), data.pop("classes").astype(str)
+    if ids.ndim != 1 or classes.ndim != 1:
+        raise DataError(f"id_code and classes must be lists (1-D), not arrays of shape {ids.shape} and "
+                        f"{classes.shape}", path)
+    if not len(ids) or not len(classes):
+        raise DataError(f"logits of {len(ids)} wells x {len(classes)} classes: nothing to submit or evaluate", path)
     if logits.dtype.kind not in "fiu":
         raise DataError(f"logits are not numbers (dtype {logits.dtype})", path)
     if logits.ndim != 2 or logits.shape != (len(ids), len(classes)):
