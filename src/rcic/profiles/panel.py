@@ -105,7 +105,7 @@ def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> _Parts
     fixed["Leiden NMI"], fixed["Leiden ARI"] = float(leiden["nmi"]), float(leiden["ari"])
     fixed["isolated labels"] = float(scib.isolated_labels(x, labels, batches))
     _, kbet = scib.kbet_per_label(nn, batches, labels, return_df=True)
-    per_label["kBET"] = kbet.set_index("cluster")["kBET"].astype(float).fillna(0.0)  # scib: NaN counts as 0
+    per_label["kBET"] = kbet.set_index("cluster")["kBET"].astype(float).dropna()  # scib's nanmean skips them
     sil = (np.asarray(silhouette_samples(x, labels)) + 1) / 2  # scib's silhouette_label, per well
     per_label["silhouette label"] = pd.Series(sil, index=labels)  # per well: scib averages over wells
     per_label["silhouette batch"] = _silhouette_batch_per_label(x, labels, batches)

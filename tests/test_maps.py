@@ -1,0 +1,352 @@
+"""Phenomic maps that measure the truth: out-of-fold embeddings, the controls a correction learns from,
+each correction on data with a known answer, and the panel's metrics against scib-metrics and copairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rcic.profiles import correct, embedding_frame, read_embeddings, write_embeddings
+from rcic.profiles.correct import reference_wells
+from tests.conftest import run_cli
+
+
+def _plates(n_experiments=3, treatments=6, positives=2, negatives=8, dims=4, seed=0, batch=2.0):
+    """Experiments of one cell type: each siRNA a direction, each experiment a shift and a scaling."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in range(n_experiments):
+        rows += [(f"HEPG2-{e + 1:02d}", "treatment", f"s{k}") for k in range(treatments) for _ in range(2)]
+        rows += [(f"HEPG2-{e + 1:02d}", "positive_control", f"p{k}") for k in range(positives) for _ in range(4)]
+        rows += [(f"HEPG2-{e + 1:02d}", "negative_control", "neg") for _ in range(negatives)]
+    meta = pd.DataFrame(rows, columns=["experiment", "well_type", "label"])
+    meta.insert(0, "id_code", [f"{e}_1_{i}" for i, e in enumerate(meta["experiment"])])
+    meta["plate"], meta["well"], meta["cell_type"] = 1, "B02", "HEPG2"
+    signal = {label: rng.normal(size=dims) * (0 if label == "neg" else 3) for label in meta["label"].unique()}
+    shift = {e: rng.normal(size=dims) * batch for e in meta["experiment"].unique()}
+    scale = {e: rng.uniform(0.5, 2.0, dims) for e in meta["experiment"].unique()}
+    x = np.stack([(signal[label] + rng.normal(size=dims)) * scale[e] + shift[e]
+                  for label, e in zip(meta["label"], meta["experiment"])])
+    return meta, x
+
+
+# ----------------------------------------------------------------------------------------------
+# The controls a correction learns from
+# ----------------------------------------------------------------------------------------------
+
+
+def test_within_controls_by_hand():
+    # experiment A: siRNA p with wells 1, 3 and siRNA q with wells 10, 14; one negative control (alone: left out)
+    meta = pd.DataFrame({"experiment": ["A"] * 5 + ["B"] * 2, "label": ["p", "p", "q", "q", "n", "p", "p"],
+                         "well_type": ["positive_control"] * 4 + ["negative_control"] + ["positive_control"] * 2})
+    x = np.array([[1.0], [3.0], [10.0], [14.0], [7.0], [0.0], [4.0]])
+    ref, experiments = reference_wells(meta, x, "within")
+    mean_a = (1 + 3 + 10 + 14 + 7) / 5  # the experiment's control mean stays the location
+    expected_a = [1 - 2 + mean_a, 3 - 2 + mean_a, 10 - 12 + mean_a, 14 - 12 + mean_a]
+    expected_b = [0 - 2 + 2, 4 - 2 + 2]
+    np.testing.assert_allclose(ref[:, 0], expected_a + expected_b)
+    assert list(experiments) == ["A"] * 4 + ["B"] * 2
+    neg, _ = reference_wells(meta, x, "negative")
+    np.testing.assert_allclose(neg[:, 0], [7.0])
+    # within removes the siRNAs' phenotypes: the spread standardize learns is the replicates' (var 2.5 in A)
+    z = correct(meta, x, "standardize", controls="within")
+    sd_a = np.std(expected_a)
+    np.testing.assert_allclose(z[:5, 0], (x[:5, 0] - mean_a) / sd_a)
+
+
+def test_negative_controls_too_few_is_one_line(tmp_path):
+    meta, x = _plates(negatives=3)
+    drop = meta.index[(meta["experiment"] == "HEPG2-02") & (meta["well_type"] == "negative_control")][1:]
+    meta, x = meta.drop(drop).reset_index(drop=True), np.delete(x, drop, axis=0)
+    path = tmp_path / "e.parquet"
+    write_embeddings(path, embedding_frame(meta, x))
+    proc = run_cli("map", path, "--out", tmp_path / "out", "--correct", "tvn", "--controls", "negative", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "experiment HEPG2-02 has 1 negative-control well(s); correction tvn needs at least 2" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert run_cli("map", path, "--out", tmp_path / "ok", "--correct", "tvn", "--controls", "all",
+                   "--no-probe").returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Each correction on data with a known answer
+# ----------------------------------------------------------------------------------------------
+
+
+def _controls_of(meta, experiment, controls="negative"):
+    wt = meta["well_type"]
+    chosen = (wt == "negative_control") if controls == "negative" else (wt != "treatment")
+    return (chosen & (meta["experiment"] == experiment)).to_numpy()
+
+
+def test_center_standardize_spherize_known_answers(monkeypatch):
+    meta, x = _plates(negatives=40)
+    center = correct(meta, x, "center")
+    standard = correct(meta, x, "standardize")
+    import sys
+
+    monkeypatch.setattr(sys.modules["rcic.profiles.correct"], "SPHERIZE_EPSILON", 0.0)
+    sphere = correct(meta, x, "spherize")
+    for experiment in meta["experiment"].unique():
+        c = _controls_of(meta, experiment)
+        np.testing.assert_allclose(center[c].mean(0), 0, atol=1e-10)
+        np.testing.assert_allclose(standard[c].mean(0), 0, atol=1e-10)
+        np.testing.assert_allclose(standard[c].std(0), 1, atol=1e-10)
+        np.testing.assert_allclose(np.cov(sphere[c], rowvar=False), np.eye(x.shape[1]), atol=1e-8)
+        # centring keeps every other well's offset from the controls: a shift, nothing else
+        rows = (meta["experiment"] == experiment).to_numpy()
+        np.testing.assert_allclose(center[rows], x[rows] - x[c].mean(0))
+    # unregularised ZCA is pycytominer's Spherize (full-rank controls)
+    from pycytominer.operations.transform import Spherize
+
+    c = _controls_of(meta, "HEPG2-01")
+    rows = (meta["experiment"] == "HEPG2-01").to_numpy()
+    theirs = Spherize(epsilon=0, center=True, method="ZCA", return_numpy=True).fit(pd.DataFrame(x[c]))
+    np.testing.assert_allclose(sphere[rows], theirs.transform(pd.DataFrame(x[rows])), atol=1e-8)
+
+
+def test_spherize_regularisation_shrinks_each_control_direction_as_stated():
+    from rcic.profiles.correct import SPHERIZE_EPSILON
+
+    meta, x = _plates(negatives=40, seed=3)
+    z = correct(meta, x, "spherize")
+    c = _controls_of(meta, "HEPG2-02")
+    cov = np.cov(x[c], rowvar=False)
+    eps = SPHERIZE_EPSILON * np.trace(cov) / len(cov)
+    values = np.linalg.eigvalsh(cov)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(np.cov(z[c], rowvar=False))),
+                               np.sort(values / (values + eps)), atol=1e-8)
+
+
+@pytest.mark.parametrize("controls", ["negative", "all"])
+def test_tvn_is_efaars_definition(controls):
+    """EFAAR's tvn_on_controls (efaar_benchmarking/efaar.py), transcribed step by step with the
+    libraries it calls: sklearn's StandardScaler and PCA, scipy's fractional_matrix_power."""
+    from scipy import linalg
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    meta, x = _plates(negatives=5, dims=6, seed=1)
+    ctrl = (meta["well_type"] == "negative_control").to_numpy() if controls == "negative" else \
+        (meta["well_type"] != "treatment").to_numpy()
+    e = StandardScaler().fit(x[ctrl]).transform(x)
+    e = PCA().fit(e[ctrl]).transform(e)
+    e = StandardScaler().fit(e[ctrl]).transform(e)
+    for batch in meta["experiment"].unique():
+        b = (meta["experiment"] == batch).to_numpy()
+        cov = np.cov(e[b & ctrl], rowvar=False, ddof=1) + 0.5 * np.eye(e.shape[1])
+        e[b] = e[b] @ linalg.fractional_matrix_power(cov, -0.5)
+    np.testing.assert_allclose(correct(meta, x, "tvn", controls=controls), np.real(e), atol=1e-8)
+
+
+def test_pca_is_the_first_components():
+    from sklearn.decomposition import PCA
+
+    meta, x = _plates(dims=8)
+    ours = correct(meta, x, "pca")
+    theirs = PCA(n_components=8).fit_transform(x)
+    np.testing.assert_allclose(np.abs(ours), np.abs(theirs), atol=1e-8)  # up to each component's sign
+
+
+def _shifted(treatments: int, shift_scale: float):
+    """Experiments that differ by a shift only (same siRNAs, little noise)."""
+    rng = np.random.default_rng(0)
+    meta, _ = _plates(n_experiments=3, treatments=treatments, dims=10)
+    signal = {label: rng.normal(size=10) * 3 for label in meta["label"].unique()}
+    shift = {e: rng.normal(size=10) * shift_scale for e in meta["experiment"].unique()}
+    x = np.stack([signal[label] + shift[e] for label, e in zip(meta["label"], meta["experiment"])])
+    return meta, x + rng.normal(size=x.shape) * 0.3
+
+
+def _spread(meta, y, by):
+    """Mean distance of the groups' centroids from the overall centroid, relative to the wells' own."""
+    centroids = pd.DataFrame(y).groupby(meta[by].to_numpy()).mean().to_numpy()
+    return np.linalg.norm(centroids - centroids.mean(0), axis=1).mean() / np.linalg.norm(y - y.mean(0), axis=1).mean()
+
+
+@pytest.mark.parametrize("method", ["combat", "scanorama"])
+def test_batch_only_shift_is_removed(method):
+    """A pure shift between experiments: the experiments' centroids come together (to a tenth of
+    their spread), the siRNAs' stay apart."""
+    meta, x = _shifted(8, 6.0)
+    z = correct(meta, x, method)
+    assert _spread(meta, z, "experiment") < 0.1 * _spread(meta, x, "experiment")
+    assert _spread(meta, z, "label") > 0.9 * _spread(meta, x, "label")
+
+
+def test_harmony_is_harmonypy_on_the_principal_components():
+    import harmonypy
+
+    from rcic.profiles.correct import principal_components
+
+    meta, x = _shifted(60, 3.0)
+    z = correct(meta, x, "harmony")
+    pcs = principal_components(x)
+    theirs = harmonypy.run_harmony(pcs, meta[["experiment"]], ["experiment"], verbose=False, random_state=0)
+    np.testing.assert_allclose(z, np.asarray(theirs.Z_corr).reshape(z.shape), atol=1e-8)
+    # Harmony corrects partially at this size (its clusters follow the batches): it still moves the
+    # experiments together and keeps the siRNAs apart
+    assert _spread(meta, z, "experiment") < 0.85 * _spread(meta, x, "experiment")
+    assert _spread(meta, z, "label") > _spread(meta, x, "label")
+
+
+# ----------------------------------------------------------------------------------------------
+# Seen and unseen wells
+# ----------------------------------------------------------------------------------------------
+
+
+def test_map_scores_unseen_wells_and_says_how_many(tmp_path):
+    meta, x = _plates(n_experiments=4)
+    seen = meta["experiment"].isin(["HEPG2-01"]).to_numpy()
+    path = tmp_path / "e.parquet"
+    write_embeddings(path, embedding_frame(meta, x, seen), runs=[{"run": "r"}])
+    proc = run_cli("map", path, "--out", tmp_path / "a", "--correct", "none", "--no-probe", "--json")
+    n_unseen, n_seen = int((~seen).sum()), int(seen.sum())
+    assert f"scoring {n_unseen:,} wells unseen in training ({n_seen:,} seen wells left out" in proc.stderr
+    only_unseen = json.loads(proc.stdout)["none"]["replicate_map"]
+    from rcic.profiles.metrics import replicate_map
+
+    assert only_unseen == pytest.approx(replicate_map(meta[~seen].reset_index(drop=True), x[~seen])[0])
+    proc = run_cli("map", path, "--out", tmp_path / "b", "--correct", "none", "--no-probe", "--json",
+                   "--include-seen")
+    assert json.loads(proc.stdout)["none"]["replicate_map"] == pytest.approx(replicate_map(meta, x)[0])
+    plain = tmp_path / "plain.parquet"
+    embedding_frame(meta, x).to_parquet(plain)
+    proc = run_cli("map", plain, "--out", tmp_path / "c", "--correct", "none", "--no-probe")
+    assert f"no seen_in_training column: all {len(meta):,} wells are treated as unseen" in proc.stdout
+
+
+def _fold_runs(tiny_run, tiny_store, tmp_path, folds=3):
+    """The K fold runs of a K-fold cross-validation on the tiny store: the real folds
+    (``experiment_folds``, as training deals them) in each run.json, and each fold's network made
+    distinct (weights scaled by 1 + 0.05 k) from one trained checkpoint, so that which model embedded
+    an experiment shows in the numbers. (Training three folds would cost the suite a minute.)"""
+    import torch
+
+    from rcic.data.dataset import experiment_folds
+    from rcic.store import open_source
+
+    wells = open_source(tiny_store).dataset.wells
+    fold_of = experiment_folds(wells, folds, 0)
+    info = json.loads((tiny_run / "run.json").read_text())
+    runs = []
+    for k in range(folds):
+        run = tmp_path / f"fold{k}"
+        (run / "checkpoints").mkdir(parents=True)
+        state = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+        state["state_dict"] = {n: (v * (1 + 0.05 * k) if v.is_floating_point() and "net" in n else v)
+                               for n, v in state["state_dict"].items()}
+        torch.save(state, run / "checkpoints" / "best.ckpt")
+        held_out = sorted(e for e, f in fold_of.items() if f == k)
+        (run / "run.json").write_text(json.dumps({**info, "fold": k, "folds": folds, "val_experiments": held_out}))
+        shutil.copy(tiny_run / "recipe.yaml", run / "recipe.yaml")
+        runs.append(run)
+    return runs, fold_of
+
+
+def test_out_of_fold_embeddings(tiny_run, tiny_store, tmp_path):
+    runs, fold_of = _fold_runs(tiny_run, tiny_store, tmp_path)
+    out = tmp_path / "oof.parquet"
+    run_cli("embed", *runs, "--data", tiny_store, "--split", "val", "--tta", "1", "--out", out)
+    frame = pd.read_parquet(out)
+    assert set(frame["experiment"]) == set(fold_of)  # every labelled experiment, once
+    assert not frame["seen_in_training"].any() and frame["id_code"].is_unique
+    from rcic.profiles import embedding_runs
+
+    records = embedding_runs(out)
+    assert [r["embedded_experiments"] for r in records] == [r["val_experiments"] for r in records]
+    assert sorted(e for r in records for e in r["embedded_experiments"]) == sorted(fold_of)
+    # fold 1's experiments carry fold 1's features (not another fold's)
+    from rcic.predict import predict
+    from rcic.store import open_source
+
+    own = predict([runs[1]], open_source(tiny_store), split="val", tta=1, embeddings=True, controls=True)
+    mine = frame.set_index("id_code").loc[own.id_code, [c for c in frame.columns if c.startswith("emb_")]]
+    np.testing.assert_allclose(mine.to_numpy(), own.extra["embeddings"], rtol=1e-5, atol=1e-6)
+    # one fold over every well: seen are the labelled experiments it trained on (not its own fold, not test)
+    run_cli("embed", runs[0], "--data", tiny_store, "--split", "all", "--tta", "1", "--out", tmp_path / "all.parquet")
+    every = pd.read_parquet(tmp_path / "all.parquet")
+    trained = {e for e, f in fold_of.items() if f != 0}
+    assert (every["seen_in_training"] == every["experiment"].isin(trained)).all()
+    assert every["experiment"].nunique() > len(fold_of)  # the test experiments are in it, unseen
+    meta, _ = read_embeddings(out)
+    assert not meta["seen_in_training"].any()
+
+
+def test_split_val_on_a_fold_all_run_is_one_line(tiny_run, tmp_path, tiny_store):
+    run = tmp_path / "all"
+    shutil.copytree(tiny_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "fold": "all", "val_experiments": []}))
+    proc = run_cli("embed", run, "--data", tiny_store, "--split", "val", "--out", tmp_path / "e.parquet", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "data.fold: all" in proc.stderr and not (tmp_path / "e.parquet").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The panel: each metric as scib-metrics and copairs compute it, the aggregate as Arevalo et al.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_panel_metrics_equal_scib_metrics_on_the_same_input():
+    """Our exact neighbours are scikit-learn's; every score of a cell type is scib-metrics' own
+    function on that input, and the per-siRNA pieces the bootstrap resamples average back to it."""
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    from rcic.profiles.panel import _scores, neighbours, scib_parts
+
+    meta, x = _plates(n_experiments=3, treatments=10, negatives=6, dims=6, batch=1.0)
+    labels, batches = meta["label"].to_numpy(), meta["experiment"].to_numpy()
+    ours = neighbours(x)
+    distances, indices = NearestNeighbors(n_neighbors=ours.n_neighbors).fit(x).kneighbors(x)
+    np.testing.assert_allclose(ours.distances, distances, atol=1e-4)
+    assert (np.sort(ours.indices, 1) == np.sort(indices, 1)).all()
+    # scib-metrics on our neighbours (the same input: float32 distances move Leiden's graph otherwise)
+    nn = NeighborsResults(indices=ours.indices, distances=ours.distances)
+    parts = scib_parts(x, labels, batches)
+    values = _scores([parts], [pd.Series(dtype=float)])
+    leiden = scib_metrics.nmi_ari_cluster_labels_leiden(nn, labels)
+    expected = {"graph connectivity": scib_metrics.graph_connectivity(nn, labels),
+                "Leiden NMI": leiden["nmi"], "Leiden ARI": leiden["ari"],
+                "isolated labels": scib_metrics.isolated_labels(x, labels, batches),
+                "kBET": scib_metrics.kbet_per_label(nn, batches, labels),
+                "silhouette label": scib_metrics.silhouette_label(x, labels),
+                "silhouette batch": scib_metrics.silhouette_batch(x, labels, batches),
+                "iLISI": scib_metrics.ilisi_knn(nn, batches), "cLISI": scib_metrics.clisi_knn(nn, labels)}
+    for metric, value in expected.items():
+        assert values[metric] == pytest.approx(float(value), abs=1e-5), metric
+    # a bootstrap draw of every siRNA once is the data itself
+    once = pd.Series(1, index=np.unique(labels))
+    again = _scores([parts], [pd.Series(dtype=float)], counts=once)
+    for metric in expected:
+        assert again[metric] == pytest.approx(values[metric], abs=1e-9), metric
+
+
+def test_replicate_map_against_negative_controls_by_hand():
+    from rcic.profiles.panel import replicate_map_negcon
+
+    # siRNA s in experiments A and B; two negative controls; cosine similarity on 2-D points
+    meta = pd.DataFrame({"experiment": ["A", "B", "A", "B"], "label": ["s", "s", "neg", "neg"],
+                         "well_type": ["treatment", "treatment", "negative_control", "negative_control"]})
+    x = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]])
+    # s@A (1, 0): its replicate (cosine 0.6) ranks below one negative (0.8), above the other (0.0): AP 1/2
+    # s@B (0.6, 0.8): both negatives (0.96, 0.8) rank above its replicate (0.6): AP 1/3
+    result = replicate_map_negcon(meta, x, null_size=100)
+    assert result["s"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_aggregate_is_arevalos():
+    from rcic.profiles.panel import BATCH_METRICS, BIO_METRICS, aggregate
+
+    values = dict.fromkeys(BATCH_METRICS, 0.5) | dict.fromkeys(BIO_METRICS, 0.8)
+    values["iLISI"], values["consistency mAP"] = 0.1, float("nan")  # no gene table: left out of bio
+    batch, bio, overall = aggregate(values)
+    assert batch == pytest.approx((0.5 * 3 + 0.1) / 4) and bio == pytest.approx(0.8)
+    assert overall == pytest.approx(0.4 * batch + 0.6 * bio)
