@@ -170,7 +170,10 @@ def test_compound_gene_known_answer_and_sklearn_equality():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_benchmark_command_writes_table_scores_and_page(synth3, tmp_path):
+def test_benchmark_command_writes_table_scores_and_page(synth3, tmp_path, monkeypatch):
+    from rcic.rxrx3 import relationships
+
+    monkeypatch.setattr(relationships, "_reported", set())
     out = tmp_path / "bench"
     proc = run_cli("benchmark", "rxrx3-core", "--metadata", synth3 / METADATA_FILE, "--embeddings",
                    synth3 / EMBEDDINGS_FILE, "--out", out, "--correct", "pca-centerscale", "--correct", "none",
@@ -256,7 +259,10 @@ def test_synthetic_download_format_and_shards(tmp_path):
     assert load_site(out, first["id_code"]).shape == (6, 16, 16)
 
 
-def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path):
+def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path, monkeypatch):
+    from rcic.rxrx3 import relationships
+
+    monkeypatch.setattr(relationships, "_reported", set())  # as in a fresh process: the licence not yet shown
     proc = run_cli("map", synth3 / EMBEDDINGS_FILE, "--metadata", synth3 / METADATA_FILE, "--relationships", "CORUM",
                    "--out", tmp_path / "map", "--correct", "none", "--no-probe", "--null-size", "100")
     assert "CC-BY-NC 4.0" in proc.stderr
