@@ -167,3 +167,15 @@ def test_eda_shows_the_dataset_next_to_real_sites(tiny_data, tmp_path):
     assert float(cells[header.index("mean (real)")]) == round(float(np.median([p.mean() for p in planes])), 1)
     proc = run_cli("eda", tiny_data, "--out", tmp_path / "eda2", "--real", tmp_path, check=False)
     assert proc.returncode == 2 and "holds no real site" in proc.stderr and not (tmp_path / "eda2").exists()
+
+
+def test_morphology_knob_scales_how_far_the_cell_types_grey_levels_are():
+    from rcic.synth.intensity import REAL_QUANTILES, grey_levels
+
+    np.testing.assert_allclose(grey_levels("HEPG2", 0.0), grey_levels("HUVEC", 0.0))  # 0: the cell types alike
+    assert grey_levels("HUVEC", 1.0) is REAL_QUANTILES["HUVEC"]  # 1: the real levels
+    # 2: twice as far from the average (geometric, as the shapes): log distances double where nothing clips
+    mean = np.exp(np.mean([np.log(q + 1) for q in REAL_QUANTILES.values()], axis=0))
+    twice, once = np.log(grey_levels("RPE", 2.0) + 1) - np.log(mean), np.log(REAL_QUANTILES["RPE"] + 1) - np.log(mean)
+    unclipped = (grey_levels("RPE", 2.0) > 0) & (grey_levels("RPE", 2.0) < 255)
+    np.testing.assert_allclose(twice[unclipped], 2 * once[unclipped], atol=1e-9)
