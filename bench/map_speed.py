@@ -1,12 +1,20 @@
 """``rcic map`` at the scale of RxRx1: 62,755 wells (treatments and controls) x 512 dimensions.
 
     python bench/map_speed.py [--dims 512] [--fraction 1.0] [--out bench/out/map_speed]
+    python bench/map_speed.py --panel [--fraction 0.1] [--bootstrap 200]   # the correction panel
+    python bench/map_speed.py --controls-study                             # which --controls default
 
 Synthetic embeddings on the real well structure (the Kaggle 2019 CSVs in ../shared; the same
 counts synthesised where they are absent): each siRNA a direction, each experiment a batch shift
 and scaling, noise; genes of 1-2 siRNAs in complexes of 2-5 for the known-relationship recall.
 Times the installed ``rcic map`` with its default corrections (none, tvn) end to end, and reports
 the time of each step in process. Goal (issue #10): under 2 minutes on 2 cores.
+
+``--panel`` times ``rcic map --panel`` (9 corrections, scib-metrics and copairs metrics; goal, issue
+#15: under 15 minutes on 2 cores at full scale). ``--controls-study`` scores none, center, spherize
+and TVN with each ``--controls`` choice on model-free features of ``rcic synth`` data (channel
+intensity statistics, with the synthetic gene layer's known relationships) and on these synthetic
+embeddings: the measurements behind the default (BENCHMARKS.md, "Which controls").
 """
 
 from __future__ import annotations
@@ -58,12 +66,121 @@ def synthetic_embeddings(wells: pd.DataFrame, dims: int, seed: int = 0):
     return x.astype(np.float32), genes, pd.DataFrame(pairs, columns=["gene_a", "gene_b"])
 
 
+def intensity_features(folder: Path, seed: int = 0):
+    """Model-free well profiles of a small ``rcic synth`` set: per-channel intensity statistics."""
+    from rcic.store import open_source, pack
+    from rcic.synth import generate, preset
+
+    data = folder / "data"
+    if not (data / "answers.csv").is_file():
+        generate(data, preset("small", image_size=32, test_experiments=2, seed=seed), workers=2)
+    source = open_source(pack(data, folder / "s.zarr", workers=2).path)
+    sites = source.dataset.sites
+
+    def features(image):
+        x = image.reshape(image.shape[0], -1).astype(np.float32)
+        return np.concatenate([x.mean(1), x.std(1), *np.percentile(x, [10, 50, 90, 99], axis=1),
+                               (x > x.mean(1, keepdims=True)).mean(1)])
+
+    per_site = np.stack([features(source.read_site(r)) for r in sites.to_dict("records")])
+    codes, inverse = np.unique(sites["id_code"], return_inverse=True)
+    wells = np.zeros((len(codes), per_site.shape[1]))
+    np.add.at(wells, inverse, per_site)
+    wells /= np.bincount(inverse)[:, None]
+    meta = sites.drop_duplicates("id_code").set_index("id_code").loc[codes].reset_index()
+    answers = pd.read_csv(data / "answers.csv", dtype=str).set_index("id_code")["sirna"]
+    meta["label"] = [answers.get(i, label) or label for i, label in zip(meta["id_code"], meta["label"])]
+    meta["label"] = meta["label"].fillna("").astype(str)
+    genes = pd.read_csv(data / "genes.csv", dtype=str)
+    pairs = pd.read_csv(data / "relationships.csv", dtype=str)
+    return meta[["id_code", "experiment", "plate", "well", "cell_type", "well_type", "label"]], wells, genes, pairs
+
+
+def controls_study(args) -> None:
+    from rcic.profiles import phenomic_map
+
+    sets = {}
+    meta, x, genes, pairs = intensity_features(args.out / "synth")
+    sets["model-free features (rcic synth small)"] = (meta, x, genes, pairs)
+    wells = _subset(wells_table(), args.fraction)
+    x, genes, pairs = synthetic_embeddings(wells, args.dims)
+    sets[f"synthetic embeddings ({len(wells):,} wells)"] = (wells[META].reset_index(drop=True), x, genes, pairs)
+    rows = []
+    for name, (meta, x, genes, pairs) in sets.items():
+        for controls in ("negative", "all", "within"):
+            result = phenomic_map(meta, x, ["none", "center", "spherize", "tvn"], genes, pairs, null_size=1000,
+                                  probe=False, controls=controls)
+            for method, s in result.scores.items():
+                if method == "none" and controls != "negative":
+                    continue
+                rows.append({"data": name, "controls": "-" if method == "none" else controls, "correction": method,
+                             "replicate mAP": s["replicate_map"], "batch leakage": s["batch_leakage"],
+                             "leakage w/o batch": s["batch_leakage_expected"], "known recall": s["known_recall"]})
+    table = pd.DataFrame(rows)
+    print(_markdown(table))
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A markdown table for BENCHMARKS.md (numbers to 3 decimals)."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+META = ["id_code", "experiment", "plate", "well", "cell_type", "well_type", "label"]
+
+
+def _subset(wells: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """The first ``fraction`` of each cell type's experiments (at least two), train and test alike."""
+    keep = []
+    for _, group in wells.groupby("cell_type"):
+        for split in ("train", "test"):
+            names = sorted(group.loc[group["split"] == split, "experiment"].unique())
+            keep += names[: max(2 if split == "train" else 1, round(len(names) * fraction))]
+    return wells[wells["experiment"].isin(keep)].reset_index(drop=True)
+
+
+def panel_speed(args) -> None:
+    wells = _subset(wells_table(), args.fraction)
+    x, genes, pairs = synthetic_embeddings(wells, args.dims)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "embeddings.parquet"
+    from rcic.profiles import embedding_frame, write_embeddings
+
+    write_embeddings(path, embedding_frame(wells, x))
+    genes.to_csv(args.out / "genes.csv", index=False)
+    pairs.to_csv(args.out / "relationships.csv", index=False)
+    report = args.out / "panel"
+    if report.exists():
+        import shutil
+
+        shutil.rmtree(report)
+    start = time.perf_counter()
+    proc = subprocess.run([str(Path(sys.executable).with_name("rcic")), "map", str(path), "--out", str(report),
+                           "--panel", "--bootstrap", str(args.bootstrap), "--genes", str(args.out / "genes.csv"),
+                           "--relationships", str(args.out / "relationships.csv")], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    print(f"rcic map --panel on {len(wells):,} wells ({wells.experiment.nunique()} experiments) x {args.dims} dims, "
+          f"{os.cpu_count()} CPUs: {wall:.0f} s (goal at 62,755 wells: < 900 s)")
+    print(_markdown(pd.read_csv(report / "panel.csv")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, default=512)
     ap.add_argument("--fraction", type=float, default=1.0, help="share of the experiments")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "map_speed")
+    ap.add_argument("--panel", action="store_true", help="time rcic map --panel instead")
+    ap.add_argument("--bootstrap", type=int, default=200, help="siRNA resamples of the panel's rank intervals")
+    ap.add_argument("--controls-study", action="store_true", help="score the --controls choices")
     args = ap.parse_args()
+    if args.controls_study:
+        return controls_study(args)
+    if args.panel:
+        return panel_speed(args)
     from rcic.profiles import embedding_frame, write_embeddings
     from rcic.profiles.correct import correct
     from rcic.profiles.metrics import known_recall, map_from_average_precision, probe_accuracy, similarity_scores

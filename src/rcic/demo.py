@@ -2,7 +2,7 @@
 
 synth -> info -> pack -> eda -> train (cpu-demo, held-out experiments) -> predict (val, test; TTA)
 -> submit (with and without the plate leak) -> score -> embed + map (batch correction, phenomic
-benchmarks) -> report.html
+benchmarks on the experiments the model never trained on) -> report.html
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 from rcic.atomic import atomic_write_text
 from rcic.config import load_recipe
 from rcic.predict import Logits, load_logits, predict, save_logits
-from rcic.profiles import embedding_frame, phenomic_map, read_embeddings, read_gene_tables, write_embeddings
+from rcic.profiles import DEFAULT_CONTROLS, phenomic_map, read_embeddings, read_gene_tables, write_embeddings
 from rcic.reports.eda import write_eda
 from rcic.reports.map_report import write_map_report
 from rcic.reports.run_report import write_run_report
@@ -146,17 +146,32 @@ def run_demo(out: str | Path = "demo-out", preset_name: str = "small", seed: int
 
 
 def _phenomic_map(out: Path, run_dir: Path, source, data: Path, progress) -> dict:
-    """Embed every well with the trained model, then correct and benchmark the embeddings side by side."""
+    """An out-of-fold map: the trained model embeds every well, and the map scores only the wells of
+    experiments it never trained on.
+
+    The demo trains one fold (cpu-demo: fold 0 of 3), which holds out one experiment per cell type;
+    replicate retrieval needs two experiments of a cell type. So the map also scores the test
+    experiments, equally unseen, whose synthetic truth (``answers.csv``) gives their treatment
+    wells a label. With every fold trained, ``rcic embed runs/fold* --split val`` gives every
+    labelled experiment its out-of-fold embedding instead (README).
+    """
+    from rcic.profiles import embed_wells, scored_wells
+
     scores_path = out / "map" / "scores.json"
     if scores_path.is_file():
         return json.loads(scores_path.read_text())
     embeddings = out / "embeddings.parquet"
     if not embeddings.is_file():
-        logits = predict([run_dir], source, split="all", tta=2, embeddings=True, controls=True, progress=progress)
-        write_embeddings(embeddings, embedding_frame(logits.wells, logits.extra["embeddings"]))
+        frame, runs = embed_wells([run_dir], source, "all", progress, tta=2)
+        truth = pd.read_csv(data / "answers.csv", dtype=str).set_index("id_code")["sirna"]
+        test = frame["label"].eq("") & frame["id_code"].isin(truth.index)
+        frame.loc[test, "label"] = truth.loc[frame.loc[test, "id_code"]].to_numpy()
+        write_embeddings(embeddings, frame, runs)
     meta, x = read_embeddings(embeddings)
+    keep, _ = scored_wells(meta)
+    meta, x = meta[keep].reset_index(drop=True), x[keep]
     genes, pairs = read_gene_tables(data / "genes.csv", data / "relationships.csv", meta)
     result = phenomic_map(meta, x, list(DEMO_CORRECTIONS), genes, pairs, null_size=2000, progress=progress)
-    write_map_report(out / "map", meta, result.scores, result.corrected, str(embeddings))
+    write_map_report(out / "map", meta, result.scores, result.corrected, str(embeddings), controls=DEFAULT_CONTROLS)
     atomic_write_text(scores_path, json.dumps(result.scores, indent=2))
     return result.scores
