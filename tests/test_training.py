@@ -48,7 +48,7 @@ def test_set_overrides_are_typed():
 
 
 def _weights(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if v.dtype.is_floating_point}
 
 
@@ -90,12 +90,16 @@ def test_variants_train_a_step(tiny_data, tmp_path):
     """RGB-composite input + linear head, focal + CutMix, plate normalisation, progressive resizing, PNG input."""
     run_cli("train", "--data", tiny_data, "--recipe", "seed-densenet121", "--out", tmp_path / "a", *TINY,
             "--set", "model.backbone=resnet18", "--set", "model.pretrained=false", "--set", "data.image_size=32",
-            "--set", "trainer.epochs=1", "--set", "trainer.val_every_n_steps=1", "--set", "optim.accumulate=2",
+            "--set", "trainer.epochs=1", "--set", "trainer.val_every_n_steps=3", "--set", "optim.accumulate=2",
             "--set", "augment.cutmix=1.0", "--set", "loss.focal=0.5", "--set", "data.normalization=plate",
-            "--set", "trainer.image_size_schedule={0: 24}")
+            "--set", "trainer.image_size_schedule={0: 24}", "--set", "data.batch_size=8")
     names = {p.name for p in (tmp_path / "a" / "checkpoints").iterdir()}
-    assert {"best.ckpt", "last.ckpt", "latest-step.ckpt"} <= names
-    assert len(pd.read_csv(tmp_path / "a" / "logs" / "metrics.csv")["val/acc"].dropna()) >= 2  # mid-epoch validation
+    assert {"best.ckpt", "last.ckpt", "epoch000.ckpt"} <= names
+    log = pd.read_csv(tmp_path / "a" / "logs" / "metrics.csv")
+    assert log.loc[log["val/acc"].notna(), "step"].tolist() == [1]  # validated mid-epoch, after batch 3 (1 update)
+    # the epoch's 4th batch came after the last validation: the epoch's checkpoint holds it (2 updates)
+    epoch = torch.load(tmp_path / "a" / "checkpoints" / "epoch000.ckpt", map_location="cpu", weights_only=True)
+    assert epoch["global_step"] == 2
 
 
 @pytest.mark.parametrize("launcher", ["devices", "torchrun"])

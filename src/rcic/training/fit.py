@@ -20,6 +20,7 @@ interrupted is completed by the next ``--resume``. Checkpoints are read with
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -392,12 +393,18 @@ def _fit(source: ImageSource, recipe: Recipe, run_dir: Path, resume: bool, devic
     log.info("training %s on %s: %s, %d train / %d val sites, %s", recipe.name, source.dataset.root,
              f"fold {recipe.data.fold}" if recipe.data.split == "folds" else "WILDS split",
              len(dm.train_rows()), len(dm.val_rows()), f"resuming from {last.name}" if last else "new run")
+    # The DataLoader workers fork from this process: objects frozen out of the garbage collector's reach
+    # (the site tables, everything built so far) stay shared pages in every worker instead of being
+    # copied into each by the collector's writes (bench/scale.py --worker-memory, BENCHMARKS.md)
+    gc.freeze()
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last else None)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1): keep it an interruption (exit 130)
             raise KeyboardInterrupt from None
         raise
+    finally:
+        gc.unfreeze()
     best_path = Path(best.best_model_path) if best.best_model_path else None
     score = float(best.best_model_score) if best.best_model_score is not None else None
     if trainer.is_global_zero:
