@@ -117,6 +117,9 @@ def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     assert check["world_size"] == 2 and check["agree"] and len(check["checksums"]) == 2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["best.ckpt", "epoch000.ckpt", "last.ckpt"]
+    # the persistent training metrics in a checkpoint are sums over both ranks (40 sites each: 2 batches of 16)
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert float(state["train_loss.weight"]) == 64 and int(state["train_acc.tp"] + state["train_acc.fp"]) == 64
 
 
 def test_pretrained_weights_from_a_local_file_adapt_to_six_channels(tmp_path):
