@@ -251,12 +251,31 @@ def test_synthetic_download_format_and_shards(tmp_path):
     assert key.endswith("_s1_1") and "/Plate" in key
     plane = imagecodecs.jpeg2k_decode(image["bytes"])
     assert plane.shape == (16, 16) and plane.dtype == np.uint8
-    from rcic.rxrx3.images import load_site, read_dataset
+    from rcic.rxrx3.images import read_dataset
 
     dataset = read_dataset(out)
     assert len(dataset.sites) == len(meta) and set(dataset.sites["site"]) == {1}
-    first = dataset.sites.iloc[0]
-    assert load_site(out, first["id_code"]).shape == (6, 16, 16)
+    # rcic pack reads the shards into a store (1,536-well addresses, one site per well), site for site
+    from rcic.store import open_source, pack
+
+    store = open_source(pack(out, tmp_path / "core.zarr", shard=16).path)
+    assert store.dataset.layout == "rxrx3-core" and len(store.dataset.sites) == len(meta)
+    for row in store.dataset.sites.sample(5, random_state=0).to_dict("records"):
+        expected = np.stack([imagecodecs.jpeg2k_decode(image_bytes(out, row["id_code"], c)) for c in range(1, 7)])
+        np.testing.assert_array_equal(store.read_site(row), expected)
+
+
+def image_bytes(root: Path, well_id: str, channel: int) -> bytes:
+    import pyarrow.parquet as pq
+
+    experiment, plate, address = well_id.rsplit("_", 2)
+    key = f"{experiment}/Plate{plate}/{address}_s1_{channel}"
+    for path in sorted((root / "data").glob("*.parquet")):
+        table = pq.read_table(path).to_pandas()
+        hit = table[table["__key__"] == key]
+        if len(hit):
+            return hit["jp2"].iloc[0]["bytes"]
+    raise KeyError(key)
 
 
 def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path, monkeypatch):
