@@ -166,17 +166,20 @@ def test_sinkhorn_rows_and_columns_sum_to_one_and_plates_stay_permutations():
 
 def test_resumed_plate_batch_run_ends_with_the_uninterrupted_weights(tiny_store, tmp_path):
     source = open_source(tiny_store)
-    recipe = load_recipe("cpu-demo", [*TINY, "data.batch_size=5", "trainer.epochs=1", "trainer.limit_train_batches=4",
+    # plate batches and, with them, embeddings centred by the batch's plate mean (the training side of centring)
+    recipe = load_recipe("cpu-demo", [*TINY, "data.batch_size=5", "trainer.epochs=1", "trainer.limit_train_batches=3",
                                       "trainer.checkpoint_every_n_steps=2", "data.sampler=plate",
-                                      "model.center_embeddings=plate", "model.adabn=plate"])
+                                      "model.center_embeddings=plate"])
     fit(source, recipe, tmp_path / "full", progress=False)
     with pytest.raises(RuntimeError, match="killed"):
         fit(source, recipe, tmp_path / "killed", progress=False, extra_callbacks=[_Crash(3)])
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 2 and last["epoch"] == 0  # in the middle of epoch 0 (4 batches)
+    assert last["global_step"] == 2 and last["epoch"] == 0  # in the middle of epoch 0 (3 batches)
     fit(source, recipe, tmp_path / "killed", resume=True, progress=False)
-    a, b = (_weights(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "killed"))
-    assert a.keys() == b.keys()
+    # the network's weights and BatchNorm statistics (the metrics' running sums are the lifecycle's business)
+    a, b = ({k: v for k, v in _weights(tmp_path / r / "checkpoints" / "last.ckpt").items() if k.startswith("net.")}
+            for r in ("full", "killed"))
+    assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     history = [pd.read_csv(tmp_path / r / "history.csv") for r in ("full", "killed")]
