@@ -291,6 +291,10 @@ LIGHTNING_NOISE = (
     r"It is recommended to use `self\.log\(.*sync_dist=True\)`",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Trying to infer the `batch_size` from an ambiguous collection",
+    # a resume restores the sampler's position through the DataModule's state, and the metrics' running
+    # sums through their persistent states: exact, whatever these two say
+    r"You're resuming from a checkpoint that ended before the epoch ended",
+    r"The ``compute`` method of metric \w+ was called before the ``update`` method",
 )
 
 
