@@ -475,12 +475,15 @@ def test_score_names_the_whole_experiments_it_scored(fixtures, tmp_path):
 @pytest.mark.parametrize("flags", [[], ["--resume"]], ids=["train", "train --resume"])
 def test_a_run_that_died_before_its_first_checkpoint_starts_again(fixtures, tmp_path, flags):
     """Nothing of such a run is worth keeping: with or without --resume, the run starts afresh and finishes."""
+    from rcic.config import dump_recipe, load_recipe
+
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
-    shutil.copy(fixtures["run"] / "recipe.yaml", run / "recipe.yaml")
+    recipe = load_recipe(fixtures["run"] / "recipe.yaml", ["trainer.epochs=1", "data.fold=all"])
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))  # what the died run had written: the same recipe
     (run / "logs" / "metrics.csv").write_text("epoch,step\n")
-    proc = run_cli("train", "--data", fixtures["store"], "--recipe", run / "recipe.yaml", "--out", run,
-                   "--set", "trainer.epochs=1", "--set", "data.fold=all", *flags, check=False)
+    proc = run_cli("train", "--data", fixtures["store"], "--recipe", run / "recipe.yaml", "--out", run, *flags,
+                   check=False)
     assert proc.returncode == 0, proc.stderr
     assert (run / "checkpoints" / "best.ckpt").is_file()
 

@@ -319,7 +319,9 @@ def _parse_override(item: str) -> tuple[str, object]:
     try:
         value = safe_yaml(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set {key}: value {text!r} is not valid YAML ({_yaml_problem(err)})") from None
+        raise RecipeError(f"--set {key}: value {text[:80]!r} is not valid YAML ({_yaml_problem(err)})") from None
+    except RecursionError:
+        raise RecipeError(f"--set {key}: value {text[:80]!r}... is nested too deeply") from None
     if not key.strip():
         raise RecipeError(f"--set expects key=value, got {item!r}")
     return key.strip(), value
