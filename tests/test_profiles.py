@@ -103,31 +103,68 @@ def intensity_embeddings(tmp_path_factory):
     return path, data
 
 
-def test_tvn_improves_replicates_and_batch_leakage_and_biology_is_found(intensity_embeddings):
+def test_map_numbers_are_the_metrics_of_the_corrected_embeddings(intensity_embeddings):
+    """phenomic_map reports, for each correction, the metrics of exactly that correction's output."""
+    from rcic.profiles.metrics import probe_accuracy, replicate_map
+
     path, data = intensity_embeddings
     meta, x = read_embeddings(path)
     genes, pairs = pd.read_csv(data / "genes.csv", dtype=str), pd.read_csv(data / "relationships.csv", dtype=str)
-    result = phenomic_map(meta, x, ["none", "tvn"], genes, pairs, null_size=1000)
-    none, tvn = result.scores["none"], result.scores["tvn"]
-    assert tvn["replicate_map"] > none["replicate_map"]
-    assert tvn["batch_leakage"] < none["batch_leakage"]
-    assert none["batch_leakage"] > none["batch_leakage_expected"]  # the raw features carry the batch
-    assert tvn["known_recall"] > 0.2 and tvn["known_recall_ci"][0] > 0.10  # well above chance (0.10)
-    assert 0 <= tvn["probe_acc"] <= 1
+    result = phenomic_map(meta, x, ["none", "tvn"], genes, pairs, null_size=200)
+    for method in ("none", "tvn"):
+        z = correct(meta, x, method)
+        np.testing.assert_allclose(result.corrected[method], z)
+        s = result.scores[method]
+        assert s["replicate_map"] == pytest.approx(replicate_map(meta, z, null_size=200)[0])
+        assert (s["batch_leakage"], s["batch_leakage_expected"]) == pytest.approx(batch_leakage(meta, z))
+        assert s["known_recall"] == pytest.approx(known_recall(meta, z, genes, pairs)[0])
+        assert s["probe_acc"] == pytest.approx(probe_accuracy(meta, z))
+    # the raw features carry the batch: a well's neighbours come from its own experiment more than by chance
+    assert result.scores["none"]["batch_leakage"] > result.scores["none"]["batch_leakage_expected"]
+
+
+def test_probe_holds_out_whole_experiments():
+    """Labels a linear model reads off perfectly: every held-out well is right. Labels that exist
+    only in the held-out experiments cannot be learnt, and are not counted."""
+    from rcic.data.dataset import experiment_folds
+    from rcic.profiles.metrics import probe_accuracy
+
+    rng = np.random.default_rng(0)
+    experiments = [f"X-{e:02d}" for e in range(1, 7) for _ in range(40)]
+    labels = [f"s{i % 8}" for i in range(len(experiments))]
+    meta = _meta(labels, experiments)
+    x = np.eye(8)[[int(label[1:]) for label in labels]] * 5 + rng.normal(scale=0.1, size=(len(labels), 8))
+    assert probe_accuracy(meta, x) == 1.0
+    folds = experiment_folds(meta.assign(split="train"), 3, 0)
+    held_out = [e for e, f in folds.items() if f == 0]
+    # a siRNA present only in the held-out experiments: relabelled wells there, unseen in training
+    relabel = meta["experiment"].isin(held_out).to_numpy() & (meta["label"] == "s0").to_numpy()
+    assert probe_accuracy(meta.assign(label=np.where(relabel, "new", meta["label"])), x) == 1.0
+    # noise only: near chance (1/8), far below the perfect probe
+    assert probe_accuracy(meta, rng.normal(size=x.shape)) < 0.4
 
 
 def test_map_cli_json_report_and_every_correction(intensity_embeddings, tmp_path):
+    from rcic.profiles.metrics import replicate_map
+
     path, data = intensity_embeddings
     args = ["map", path, "--out", tmp_path / "map", "--genes", data / "genes.csv", "--relationships",
             data / "relationships.csv", "--null-size", "200", "--json"]
     for method in ("none", "center", "standardize", "tvn", "spherize", "harmony"):
         args += ["--correct", method]
-    result = json.loads(run_cli(*args).stdout)
+    proc = run_cli(*args)
+    result = json.loads(proc.stdout)
     assert list(result) == ["none", "center", "standardize", "tvn", "spherize", "harmony"]
-    for scores in result.values():
+    written = json.loads((tmp_path / "map" / "scores.json").read_text())
+    for method, scores in result.items():
         assert set(scores) == {"replicate_map", "replicate_fraction", "batch_leakage", "known_recall",
                                "known_recall_ci", "probe_acc"}
-        assert 0 <= scores["replicate_map"] <= 1 and 0 <= scores["batch_leakage"] <= 1
+        assert all(written[method][k] == v for k, v in scores.items())  # what is printed is what is written
+    meta, x = read_embeddings(path)
+    assert result["none"]["replicate_map"] == pytest.approx(replicate_map(meta, x, null_size=200)[0])
+    assert result["center"]["replicate_map"] == pytest.approx(
+        replicate_map(meta, correct(meta, x, "center"), null_size=200)[0])
+    assert "no seen_in_training column" in proc.stderr  # rcic embed's column is absent from this table
     assert (tmp_path / "map" / "map.html").is_file() and (tmp_path / "map" / "embeddings.png").is_file()
 
 
@@ -142,7 +179,7 @@ def _broken(tmp_path, path, change) -> str:
     (lambda f: f.drop(columns=["experiment"]), "missing metadata column(s) experiment"),
     (lambda f: f[[c for c in f.columns if not c.startswith("emb_")]], "no emb_* columns"),
     (lambda f: f.assign(emb_3=np.where(np.arange(len(f)) == 5, np.nan, f["emb_3"])), "NaN"),
-    (lambda f: f.assign(well_type="treatment"), "needs at least 2 control wells"),
+    (lambda f: f.assign(well_type="treatment"), "negative-control well(s); correction tvn needs at least 2"),
 ])
 def test_map_bad_input_is_one_line_and_writes_nothing(intensity_embeddings, tmp_path, change, message):
     path, _ = intensity_embeddings
