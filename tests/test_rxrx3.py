@@ -178,8 +178,8 @@ def test_benchmark_command_writes_table_scores_and_page(synth3, tmp_path, monkey
     proc = run_cli("benchmark", "rxrx3-core", "--metadata", synth3 / METADATA_FILE, "--embeddings",
                    synth3 / EMBEDDINGS_FILE, "--out", out, "--correct", "pca-centerscale", "--correct", "none",
                    "--compound-genes", synth3 / "compound_gene_interactions.csv", "--seeds", "2")
-    assert "CORUM relationships (efaar-benchmarking): licence CC-BY-NC 4.0" in proc.stderr
-    assert "SIGNOR" in proc.stderr and "Known-relationship recall" in proc.stdout
+    assert "CORUM relationships (efaar-benchmarking): licence CC-BY-NC 4.0" in proc.stdout
+    assert "SIGNOR relationships" in proc.stdout and "Known-relationship recall" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())
     recall = pd.read_csv(out / "recall.csv")
     assert scores["dataset"]["map_entities"] == 71 + 12 * 8 and scores["dataset"]["null_pairs"] == 167 * 166 // 2
@@ -202,6 +202,9 @@ def _fails(*args) -> str:
 
 
 def test_bad_input_is_one_line_naming_the_file(synth3, tmp_path, monkeypatch):
+    from rcic.rxrx3 import relationships
+
+    monkeypatch.setattr(relationships, "_reported", set())  # no licence line before an error either
     meta, emb = synth3 / METADATA_FILE, synth3 / EMBEDDINGS_FILE
     base = ["benchmark", "rxrx3-core", "--metadata", meta, "--out", tmp_path / "o"]
     frame = pd.read_parquet(emb)
@@ -284,7 +287,7 @@ def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path, monkey
     monkeypatch.setattr(relationships, "_reported", set())  # as in a fresh process: the licence not yet shown
     proc = run_cli("map", synth3 / EMBEDDINGS_FILE, "--metadata", synth3 / METADATA_FILE, "--relationships", "CORUM",
                    "--out", tmp_path / "map", "--correct", "none", "--no-probe", "--null-size", "100")
-    assert "CC-BY-NC 4.0" in proc.stderr
+    assert "CORUM relationships (efaar-benchmarking): licence CC-BY-NC 4.0" in proc.stdout
     scores = json.loads((tmp_path / "map" / "scores.json").read_text())["none"]
     # the map's labels are the genes: its pairs are CORUM's pairs among the 70 knocked-out genes
     map_ = _map(synth3, "none")

@@ -648,8 +648,8 @@ def map_(
     if relationships is not None:
         from rcic.rxrx3.mapping import map_relationships
 
-        gene_table, pairs = map_relationships(relationships, genes, meta,
-                                              lambda line: err_console.print(line, highlight=False))
+        gene_table, pairs = map_relationships(relationships, genes, meta, lambda line: (
+            err_console if as_json else console).print(line, highlight=False))
     panel_table = None
     with progress_bar("map") as update:
         if panel:
@@ -711,7 +711,8 @@ def benchmark_rxrx3_core(
     with progress_bar("benchmark") as update:
         result = run_benchmark(metadata, embeddings, list(dict.fromkeys(correct or ["pca-centerscale"])),
                                list(sources or SOURCES), compound_genes, seeds,
-                               notify=lambda line: err_console.print(line, highlight=False), progress=update)
+                               notify=lambda line: (err_console if as_json else console).print(line, highlight=False),
+                               progress=update)
     write_report(out, result)
     if as_json:
         print(json.dumps(result.scores))

@@ -385,7 +385,8 @@ def run_benchmark(metadata_path, embeddings_path, corrections: list[str], source
             read_relationships(name)  # the error: file not found
     metadata = read_metadata(metadata_path)
     embedded = read_embeddings(embeddings_path, metadata, metadata_path)
-    relationships = relationship_sets(sources, notify=notify)
+    notices: list[str] = []  # the licences, shown once the run has succeeded (an error stays one line)
+    relationships = relationship_sets(sources, notify=notices.append)
     notes = []
     if embedded.wells_without_embedding:
         notes.append(f"{embedded.wells_without_embedding} wells of the metadata have no embedding (left out)")
@@ -434,4 +435,7 @@ def run_benchmark(metadata_path, embeddings_path, corrections: list[str], source
         "published_openphenom": {"recall_0.05_0.95": {s: v[0] for s, v in PUBLISHED_RECALL.items()},
                                  "compound_gene_max": PUBLISHED_COMPOUND_GENE["max"]},
     }
+    for line in notices:
+        if notify is not None:
+            notify(line)
     return BenchmarkResult(recall, compound_tables, scores, notes)

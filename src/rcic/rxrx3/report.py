@@ -31,8 +31,7 @@ def write_report(out: str | Path, result: BenchmarkResult) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / REPORT_MARK, '{"report": "rxrx3-core benchmark"}\n')
-    result.recall.to_csv(out / "recall.csv.tmp", index=False)
-    (out / "recall.csv.tmp").replace(out / "recall.csv")
+    atomic_write_text(out / "recall.csv", result.recall.to_csv(index=False))
     frames = [t.assign(correction=m) for m, t in result.compound_gene.items()]
     if frames:
         atomic_write_text(out / "compound_gene.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
