@@ -794,7 +794,7 @@ def demo(
 
     maps = scores_table(result.map_scores)[["correction", "replicate mAP", "batch leakage",
                                             "leakage without batch effects", "known recall"]]
-    _table("Phenomic map of the model's embeddings", maps)
+    _table("Phenomic map of the model's embeddings (experiments it never trained on)", maps)
     console.print(f"submission: {result.out / 'submission.csv'}")
     console.print(f"report: [bold]{result.report}[/]")
 
