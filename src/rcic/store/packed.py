@@ -48,9 +48,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from rcic.errors import DataError
 from rcic.io.metadata import Dataset
-from rcic.store.rxrx3_source import LAYOUTS, check_site_table, load_site, read_dataset  # + RxRx3-core's shards
 from rcic.parallel import imap_processes
 from rcic.store.location import Location, NotFound, is_url, remote_errors
+from rcic.store.rxrx3_source import LAYOUTS, check_site_table, load_site, read_dataset  # + RxRx3-core's shards
 
 STORE_VERSION = 3
 ARRAYS = ("images", "stats", "ok")
