@@ -255,3 +255,33 @@ def test_a_store_of_the_previous_format_is_refused_by_reads_and_packs(tiny_data,
         proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and "store format 2" in proc.stderr and "pack the data again" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_object_store_errors_are_named_by_their_type_not_their_words():
+    """What an object store raised is told by its exception type (and a client error's code): a message without
+    the words "credentials" or "connect" is still classified, and one that has them misleads nothing."""
+    import botocore.exceptions as boto
+
+    from rcic.store.location import NotFound, remote_errors
+
+    url = "s3://bucket/x.zarr"
+    cases = [
+        (boto.NoCredentialsError(), "no credentials"),
+        (boto.EndpointConnectionError(endpoint_url="http://10.0.0.1:9"), "cannot reach the object store"),
+        (boto.ClientError({"Error": {"Code": "NoSuchBucket", "Message": "gone"}}, "ListObjectsV2"),
+         "the bucket does not exist"),
+        (boto.ClientError({"Error": {"Code": "SlowDown", "Message": "cannot connect: bad credentials"}}, "GetObject"),
+         "refused the request"),
+        (ImportError("no gcsfs"), "s3:// URLs need the s3fs package"),
+    ]
+    for raised, message in cases:
+        with pytest.raises(DataError, match=message) as err:
+            with remote_errors(url):
+                raise raised
+        assert str(err.value).startswith(url)
+    wrapped = OSError("Errno 5: unexpected")  # s3fs's OSError that carries botocore's error as its cause
+    wrapped.__cause__ = boto.ConnectTimeoutError(endpoint_url="http://10.0.0.1:9")
+    with pytest.raises(DataError, match="cannot reach"), remote_errors(url):
+        raise wrapped
+    with pytest.raises(NotFound), remote_errors(url):
+        raise FileNotFoundError("x.zarr/zarr.json")

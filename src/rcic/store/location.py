@@ -132,6 +132,8 @@ def _translate(err: BaseException, url: str) -> NoReturn:
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
                 raise DataError(f"the object store refused the credentials ({code})", url) from None
             raise DataError(f"the object store refused the request ({_first_line(cause)})", url) from None
+    if isinstance(err, OSError):  # s3fs's translation of an error it has no type for: still about this URL
+        raise DataError(f"the object store failed ({_first_line(err)})", url) from None
     raise err
 
 
