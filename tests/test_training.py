@@ -105,7 +105,8 @@ def test_variants_train_a_step(tiny_data, tmp_path):
 @pytest.mark.parametrize("launcher", ["devices", "torchrun"])
 def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     out = tmp_path / "ddp"
-    args = ["train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY, "--set", "trainer.epochs=1"]
+    args = ["train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", out, *TINY, "--set", "trainer.epochs=1",
+            "--set", "trainer.checkpoint_every_n_steps=1"]
     if launcher == "devices":
         run_cli(*args, "--devices", "2", process=True)
     else:
@@ -116,10 +117,12 @@ def test_ddp_two_cpu_processes(tiny_store, tmp_path, launcher):
     check = json.loads((out / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["agree"] and len(check["checksums"]) == 2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["best.ckpt", "epoch000.ckpt", "last.ckpt"]
-    # the persistent training metrics in a checkpoint are sums over both ranks (40 sites each: 2 batches of 16)
-    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert float(state["train_loss.weight"]) == 64 and int(state["train_acc.tp"] + state["train_acc.fp"]) == 64
+    assert ckpts == ["best.ckpt", "epoch000.ckpt", "last.ckpt", "latest-step.ckpt"]
+    # the persistent training metrics of a mid-epoch checkpoint are sums over both ranks (1 batch of 16 each)
+    step = torch.load(out / "checkpoints" / "latest-step.ckpt", map_location="cpu", weights_only=True)
+    assert step["global_step"] == 1
+    state = step["state_dict"]
+    assert float(state["train_loss.weight"]) == 32 and int(state["train_acc.tp"] + state["train_acc.fp"]) == 32
 
 
 def test_pretrained_weights_from_a_local_file_adapt_to_six_channels(tmp_path):

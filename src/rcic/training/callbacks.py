@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -45,6 +45,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if isinstance(err, OSError) or shutil.disk_usage(path.parent).free < FULL_DISK_BYTES:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``latest-step.ckpt`` every N optimiser steps, except on an epoch's last batch: the epoch's own
+    checkpoint follows at its end, and a resume from a last batch would skip the epoch's end (its
+    checkpoint files, history and logs), which Lightning counts as done."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def _read_log(path: Path) -> tuple[list[str], list[dict]]:

@@ -45,7 +45,13 @@ from rcic.config import Recipe, dump_recipe, load_recipe
 from rcic.data.dataset import RxRxDataModule
 from rcic.errors import RcicError, RecipeError
 from rcic.store.source import ImageSource
-from rcic.training.callbacks import AtomicCheckpointIO, CurvesCallback, DdpAgreementCallback, RunCSVLogger
+from rcic.training.callbacks import (
+    AtomicCheckpointIO,
+    CurvesCallback,
+    DdpAgreementCallback,
+    RunCSVLogger,
+    StepCheckpoint,
+)
 from rcic.training.module import RcicTask
 
 log = logging.getLogger(__name__)
@@ -328,8 +334,8 @@ def _checkpoint_callbacks(recipe: Recipe, folder: Path, monitor: str | None) -> 
     checkpoints = [best, per_epoch]
     every = t.checkpoint_every_n_steps or t.val_every_n_steps
     if every:
-        checkpoints.append(ModelCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
-                                           every_n_train_steps=every, enable_version_counter=False))
+        checkpoints.append(StepCheckpoint(dirpath=folder, filename="latest-step", save_top_k=1, save_last=True,
+                                          every_n_train_steps=every, enable_version_counter=False))
     return best, checkpoints
 
 

@@ -323,19 +323,31 @@ class RcicTask(L.LightningModule):
         for p in self.net.backbone.parameters():
             p.requires_grad_(not frozen)
 
-    def on_train_start(self) -> None:
-        self.on_train_epoch_start()  # a mid-epoch resume skips on_train_epoch_start: freeze (or not) here too
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # a resume skips on_train_epoch_start (restarted mid-epoch or at an epoch's end, Lightning counts the
+        # epoch only later): set the backbone's state at every batch too, from the epoch the batch trains in
+        self.on_train_epoch_start()
 
     # The persistent training metrics hold each rank's own running sums. A checkpoint (written by rank
     # 0) holds their sums over all ranks; on resume rank 0 takes them and the other ranks start at zero,
-    # so the epoch's synced means stay exact under DDP.
+    # so the epoch's synced means stay exact under DDP. A checkpoint written once the epoch's batches are
+    # all done resumes in the next epoch: it holds the sums that epoch starts with, zero.
     def _train_metrics(self) -> dict:
         return {"train_acc": self.train_acc, "train_loss": self.train_loss}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is None or self.trainer.world_size < 2:
+        if self._trainer is None:
             return
         state = checkpoint["state_dict"]
+        trainer = self.trainer
+        if trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches:
+            for name, metric in self._train_metrics().items():
+                for key, default in metric._defaults.items():
+                    if f"{name}.{key}" in state and isinstance(default, torch.Tensor):
+                        state[f"{name}.{key}"] = default.detach().clone()
+            return
+        if trainer.world_size < 2:
+            return
         for name, metric in self._train_metrics().items():
             with metric.sync_context(should_sync=True):  # a collective: every rank saves a checkpoint together
                 for key in metric._defaults:
