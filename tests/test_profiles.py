@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 
 from rcic.errors import DataError
-from rcic.profiles import META_COLUMNS, correct, embedding_frame, phenomic_map, read_embeddings, write_embeddings
+from rcic.profiles import (
+    DEFAULT_CONTROLS,
+    META_COLUMNS,
+    correct,
+    embedding_frame,
+    phenomic_map,
+    read_embeddings,
+    write_embeddings,
+)
 from rcic.profiles.metrics import batch_leakage, known_recall, replicate_average_precision
 from tests.conftest import run_cli
 
@@ -112,7 +120,7 @@ def test_map_numbers_are_the_metrics_of_the_corrected_embeddings(intensity_embed
     genes, pairs = pd.read_csv(data / "genes.csv", dtype=str), pd.read_csv(data / "relationships.csv", dtype=str)
     result = phenomic_map(meta, x, ["none", "tvn"], genes, pairs, null_size=200)
     for method in ("none", "tvn"):
-        z = correct(meta, x, method)
+        z = correct(meta, x, method, controls=DEFAULT_CONTROLS)
         np.testing.assert_allclose(result.corrected[method], z)
         s = result.scores[method]
         assert s["replicate_map"] == pytest.approx(replicate_map(meta, z, null_size=200)[0])
@@ -163,7 +171,7 @@ def test_map_cli_json_report_and_every_correction(intensity_embeddings, tmp_path
     meta, x = read_embeddings(path)
     assert result["none"]["replicate_map"] == pytest.approx(replicate_map(meta, x, null_size=200)[0])
     assert result["center"]["replicate_map"] == pytest.approx(
-        replicate_map(meta, correct(meta, x, "center"), null_size=200)[0])
+        replicate_map(meta, correct(meta, x, "center", controls=DEFAULT_CONTROLS), null_size=200)[0])
     assert "no seen_in_training column" in proc.stderr  # rcic embed's column is absent from this table
     assert (tmp_path / "map" / "map.html").is_file() and (tmp_path / "map" / "embeddings.png").is_file()
 
@@ -179,7 +187,7 @@ def _broken(tmp_path, path, change) -> str:
     (lambda f: f.drop(columns=["experiment"]), "missing metadata column(s) experiment"),
     (lambda f: f[[c for c in f.columns if not c.startswith("emb_")]], "no emb_* columns"),
     (lambda f: f.assign(emb_3=np.where(np.arange(len(f)) == 5, np.nan, f["emb_3"])), "NaN"),
-    (lambda f: f.assign(well_type="treatment"), "negative-control well(s); correction tvn needs at least 2"),
+    (lambda f: f.assign(well_type="treatment"), "well(s); correction tvn needs at least 2"),
 ])
 def test_map_bad_input_is_one_line_and_writes_nothing(intensity_embeddings, tmp_path, change, message):
     path, _ = intensity_embeddings

@@ -603,7 +603,7 @@ def map_(
                                                            "spherize, tvn, harmony, combat, scanorama")] = None,
     controls: Annotated[str, typer.Option(help="Wells the control-based corrections learn from: negative, all "
                                                "(every control) or within (controls minus their siRNA's "
-                                               "per-experiment mean)")] = "negative",
+                                               "per-experiment mean)")] = "within",
     include_seen: Annotated[bool, typer.Option(help="Also score wells of experiments the model trained on")] = False,
     panel: Annotated[bool, typer.Option(help="Score every correction on the field's batch and bio metrics "
                                              "(scib-metrics, copairs; rcic[panel])")] = False,

@@ -247,7 +247,7 @@ def aggregate(values: dict[str, float]) -> tuple[float, float, float]:
 
 
 def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tuple[str, ...] = PANEL_METHODS,
-                     controls: str = "negative", genes: pd.DataFrame | None = None, null_size: int = 1000,
+                     controls: str = "within", genes: pd.DataFrame | None = None, null_size: int = 1000,
                      bootstrap: int = 200, seed: int = 0, source=None,
                      progress: Callable[[int, int], None] | None = None) -> PanelResult:
     """Correct with each method and score every output on the panel's metrics (module docstring)."""
