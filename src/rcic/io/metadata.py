@@ -255,7 +255,7 @@ def _read_kaggle(root: Path) -> tuple[pd.DataFrame, str, list[str] | None]:
     _check_label_roles(wells, layout, root)
     order = None
     sample = root / "sample_submission.csv"
-    if sample.is_file():
+    if sample.exists():  # a folder or FIFO of that name is refused by the reader, not silently skipped
         order = read_csv_strict(sample, ["id_code", "sirna"])["id_code"].tolist()
     return wells.drop(columns="source"), layout, order
 
