@@ -79,7 +79,7 @@ def read_csv_strict(path: Path, columns: list[str], nrows: int | None = None) ->
     except OSError as err:
         raise DataError(f"cannot read the file ({err.strerror or err})", path) from None
     header = _header(path)
-    repeated = sorted({c for c in header if header.count(c) > 1})
+    repeated = sorted({c for c in header if c and header.count(c) > 1})  # empty names: trailing commas
     if repeated:  # pandas would rename the second one (sirna.1) and use the first, without a word
         raise DataError(f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header", path)
     frame.columns = [str(c).strip() for c in frame.columns]
