@@ -87,7 +87,7 @@ def correct_wells(metadata: pd.DataFrame, x: np.ndarray, method: str, source=Non
     meta = pd.DataFrame({"experiment": metadata["experiment_name"].to_numpy(),
                          "well_type": np.where(controls, "negative_control", "treatment"),
                          "label": np.where(controls, "", perturbation(metadata).to_numpy())})
-    return correct(meta, x, method, source)
+    return correct(meta, x, method, source, controls="negative")  # EMPTY_control, as the published method
 
 
 @dataclass
