@@ -59,6 +59,8 @@ def _need_scib():
     except ImportError:
         raise DataError("rcic map --panel needs the optional packages of the panel (scib-metrics, inmoose, "
                         "scanorama): pip install 'rcic[panel]'") from None
+    # scib-metrics logs a line per skipped label at INFO through its own rich handler (on stderr)
+    logging.getLogger("scib_metrics").setLevel(logging.WARNING)
     return scib_metrics
 
 
