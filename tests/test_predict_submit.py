@@ -12,7 +12,15 @@ import pytest
 from rcic.errors import DataError
 from rcic.io import read_dataset
 from rcic.predict import Logits, average_logits, load_logits, save_logits
-from rcic.submit import leak_pseudo_labels, make_submission, read_submission_csv, score, write_submission
+from rcic.submit import (
+    evaluate_logits,
+    leak_pseudo_labels,
+    make_submission,
+    read_submission_csv,
+    score,
+    wilds_scores,
+    write_submission,
+)
 from tests.conftest import run_cli
 
 
@@ -190,7 +198,8 @@ def test_score_by_hand_and_what_it_refuses(plates):
                                   f"{int((sub_experiment == first).sum())} wells of experiment {first}"),
              (pd.concat([sub, pd.DataFrame({"id_code": ["HEPG2-99_1_B02"], "sirna": ["1"]})]), None,
               "1 submitted wells have no answer (first 'HEPG2-99_1_B02')"),
-             (sub.assign(sirna=sub.sirna.where(sub.index != 0, "sirna_1")), None, "not spelt as the answers' labels"),
+             (sub.assign(sirna=sub.sirna.where(sub.index != 0, "sirna_1")), None,
+              "label 'sirna_1' is not spelt as the answers' labels (integers)"),
              (sub.assign(sirna=sub.sirna.where(sub.index != 0, plates.vocab.labels[-1])), plates,
               "is not a treatment label")]
     for frame, dataset, message in cases:
@@ -240,8 +249,31 @@ def test_make_submission_labels_by_hand_and_its_refusals(plates, tmp_path):
                 (Logits(logits.id_code, logits.logits[:, 1:], logits.classes[1:]), "the logits lack 1 of"),
                 (Logits(np.array(["HEPG2-99_1_B02"]), logits.logits[:1], logits.classes), "not wells of this data")]
     for bad, message in refusals:
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(DataError, match=message) as error:
             make_submission(plates, bad)
+        assert str(error.value).startswith(f"{plates.root}: ")  # names the data it checked against
+
+
+def test_evaluate_names_the_data_of_wells_without_labels(plates):
+    with pytest.raises(DataError, match="have no label in the data") as error:
+        evaluate_logits(plates, _random_logits(plates, plates.test_ids))
+    assert str(error.value).startswith(f"{plates.root}: ")
+
+
+def test_wilds_scores_by_hand():
+    """Accuracy per image over all classes; a well's repeated missing site is no image."""
+    wells = pd.DataFrame({"label": ["a", "b", "a", "c"], "cell_type": ["X", "X", "Y", "Y"],
+                          "real_sites": [2, 1, 2, 2]})
+    site_logits = np.zeros((4, 2, 3), np.float32)  # classes a, b, c; arg-max per site:
+    for well, sites in enumerate([("a", "b"), ("b", "a"), ("a", "a"), ("b", "c")]):
+        for site, label in enumerate(sites):
+            site_logits[well, site, "abc".index(label)] = 1.0
+    logits = Logits(np.array(["w1", "w2", "w3", "w4"]), site_logits.mean(1), ["a", "b", "c"],
+                    site_logits=site_logits)
+    result = wilds_scores(wells, logits)
+    # images: X: w1 (a ok, b wrong), w2 (site 1 only: b ok) -> 2/3; Y: w3 (ok, ok), w4 (wrong, ok) -> 3/4
+    assert result["images"] == 7 and result["per_cell_type"] == pytest.approx({"X": 2 / 3, "Y": 3 / 4})
+    assert result["acc_avg"] == pytest.approx(5 / 7) and result["acc_wg"] == pytest.approx(2 / 3)
 
 
 def test_leak_pseudo_labels_are_the_most_confident_plate_assigned_test_wells(plates):
