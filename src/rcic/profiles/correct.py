@@ -223,7 +223,8 @@ def _combat(meta: pd.DataFrame, x: np.ndarray) -> np.ndarray:
     batches = meta["experiment"].to_numpy()
     if len(set(batches)) < 2:
         return x
-    keep = x.std(0) > 1e-12  # ComBat divides by each feature's pooled variance: constant features stay
+    # ComBat divides by each feature's variance within each batch: features constant in a batch stay as they are
+    keep = pd.DataFrame(x).groupby(batches).std(ddof=0).min(0).to_numpy() > 1e-12
     out = x.copy()
     corrected = pycombat.pycombat_norm(x[:, keep].T, list(batches))
     out[:, keep] = np.asarray(corrected, np.float64).T
