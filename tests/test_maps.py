@@ -350,3 +350,15 @@ def test_aggregate_is_arevalos():
     batch, bio, overall = aggregate(values)
     assert batch == pytest.approx((0.5 * 3 + 0.1) / 4) and bio == pytest.approx(0.8)
     assert overall == pytest.approx(0.4 * batch + 0.6 * bio)
+
+
+def test_map_html_shows_the_panel_as_a_heat_table(tmp_path):
+    from rcic.reports.map_report import PANEL_SCORE_COLUMNS, panel_heat_table
+
+    panel = pd.DataFrame({"correction": ["none", "harmony"], **{c: [0.1, 0.9] for c in PANEL_SCORE_COLUMNS},
+                          "rank": [2, 1], "rank 95% low": [2, 1], "rank 95% high": [2, 2]})
+    html = panel_heat_table(panel)
+    rows = html.split("<tr>")[2:]
+    assert "harmony" in rows[0] and "none" in rows[1]  # best overall first
+    assert "rgb(49,130,189)" not in rows[1] and "1 (1-2)" in rows[0] and "2 (2-2)" in rows[1]
+    assert rows[0].count("<td") == len(PANEL_SCORE_COLUMNS) + 2  # name, every metric, rank
