@@ -326,7 +326,7 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
     once = pd.Series(1, index=np.unique(labels))
     again = _scores([parts], [pd.Series(dtype=float)], counts=once)
     for metric in expected:
-        assert again[metric] == pytest.approx(values[metric], abs=1e-9), metric
+        assert again[metric] == pytest.approx(values[metric], abs=1e-6), metric  # float32 sums
 
 
 def test_replicate_map_against_negative_controls_by_hand():
