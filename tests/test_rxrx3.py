@@ -295,3 +295,20 @@ def test_map_reads_rxrx3_core_and_builtin_relationships(synth3, tmp_path, monkey
     expected = known_relationship_recall(map_.metadata["perturbation"].to_numpy(), map_.features,
                                          {"CORUM": _sources()["CORUM"]}, lookup=is_gene).table
     assert scores["known_pairs"] == expected["query_distribution_size"].iloc[0]
+
+
+def test_rxrx1_model_embeds_rxrx3_core_as_unseen(tiny_run, tmp_path):
+    """An rcic model trained on RxRx1 embeds RxRx3-core (treatments it never saw): every well is unseen,
+    and the embeddings feed the benchmark."""
+    out = tmp_path / "core"
+    generate_rxrx3_core(out, rxrx3_preset("tiny", gene_experiments=1, compound_experiments=1, compounds=3,
+                                          controls=4, crispr_controls=2, image_size=32))
+    run_cli("pack", out, "--out", tmp_path / "core.zarr", "--workers", "1")
+    run_cli("embed", tiny_run, "--data", tmp_path / "core.zarr", "--out", tmp_path / "e.parquet", "--tta", "1")
+    frame = pd.read_parquet(tmp_path / "e.parquet")
+    meta = read_metadata(out / METADATA_FILE)
+    assert sorted(frame["id_code"]) == sorted(meta["well_id"])
+    assert not frame["seen_in_training"].any()
+    run_cli("benchmark", "rxrx3-core", "--metadata", out / METADATA_FILE, "--embeddings", tmp_path / "e.parquet",
+            "--out", tmp_path / "bench", "--json")
+    assert json.loads((tmp_path / "bench" / "scores.json").read_text())

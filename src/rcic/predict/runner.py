@@ -103,17 +103,18 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
                 tta: int = 8, batch_size: int = 32, num_workers: int = 0, devices: int | str = 1,
                 precision: str = "auto", accelerator: str = "auto", controls: bool = False,
                 progress: Callable[[int, int], None] | None = None, site_outputs: bool = False,
-                adabn: str = "recipe"):
+                adabn: str = "recipe", any_classes: bool = False):
     """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere.
 
     ``adabn``: ``recipe`` (the run's ``model.adabn``), ``none``, ``plate`` or ``experiment``; with
-    AdaBN or embedding centring the wells are predicted domain by domain.
+    AdaBN or embedding centring the wells are predicted domain by domain. ``any_classes`` lets a run
+    embed data whose treatments it never saw (an RxRx1 model on RxRx3-core): its logits then mean nothing.
     """
     _check_split(split, tta, adabn)
     _set_adabn(task, adabn)
     recipe = task.recipe
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
-    if list(dm.classes) != task.classes:
+    if list(dm.classes) != task.classes and not any_classes:
         raise DataError("the run's classes differ from this data's (another dataset or label spelling?)",
                         source.dataset.root)
     if source.dataset.channels != task.in_channels:
@@ -163,7 +164,7 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
             checkpoint: str = "best", batch_size: int = 32, num_workers: int = 0, embeddings: bool = False,
             progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
             accelerator: str = "auto", controls: bool = False, combine: str = "mean",
-            site_outputs: bool = False, adabn: str = "recipe") -> Logits | None:
+            site_outputs: bool = False, adabn: str = "recipe", any_classes: bool = False) -> Logits | None:
     """Well logits averaged over both sites, the TTA transforms and all given runs.
 
     ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
@@ -171,6 +172,7 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     ``combine``: features of an ensemble averaged (``mean``) or side by side (``concat``).
     ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
     ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own).
+    ``any_classes``: the runs may have been trained on other treatments (embeddings only; see predict_run).
     """
     _check_split(split, tta, adabn)
     run_dirs = [Path(r) for r in run_dirs]
@@ -188,7 +190,7 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     for i, (run_dir, task) in enumerate(tasks):
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(tasks) * n))
         result = predict_run(task, source, split, val_experiments, tta, batch_size, num_workers, devices,
-                             precision, accelerator, controls, sub, site_outputs, adabn)
+                             precision, accelerator, controls, sub, site_outputs, adabn, any_classes)
         if result is None:
             continue  # a non-zero DDP rank: rank 0 assembles
         run_wells, logits, feats, site_logits = result

@@ -73,6 +73,11 @@ def trained_experiments(run_dir: str | Path, wells: pd.DataFrame) -> set[str]:
     except (OSError, json.JSONDecodeError):
         raise DataError("no readable run.json: cannot tell which experiments the run trained on", run_dir) from None
     held_out = set(info.get("val_experiments") or [])
+    # A run trained on another dataset (an RxRx1 model embedding RxRx3-core) saw none of these wells:
+    # its held-out experiments are not here, or most of its classes are no label of this data.
+    classes = set(info.get("classes") or [])
+    if not held_out <= set(wells["experiment"]) or len(classes & set(wells["label"].astype(str))) < len(classes) / 2:
+        return set()
     trained = set(wells.loc[wells["split"] == "train", "experiment"]) - held_out
     if info.get("pseudo_sites"):
         trained |= set(wells.loc[wells["split"] == "test", "experiment"])
@@ -109,8 +114,9 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
     frames, records = [], []
     for i, members in enumerate(groups.values()):
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(groups) * n))
+        # any_classes: a model embeds data whose treatments it never saw (an RxRx1 model on RxRx3-core)
         logits = predict(members, source, split=split, embeddings=True, controls=True, progress=sub,
-                         **predict_options)
+                         any_classes=True, **predict_options)
         if logits is None:
             return None
         trained = set().union(*(trained_experiments(r, wells_all) for r in members))
