@@ -33,13 +33,15 @@ FILES = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv", "sa
 
 
 def structure(out: Path, fraction: float, images: float, seed: int = 0) -> Path:
-    """A Kaggle-2019 folder with the real structure (the first ``fraction`` of experiments) and 8x8
-    PNGs for a random ``images`` share of its sites."""
+    """A Kaggle-2019 folder with the real structure (the first ``fraction`` of the train and of the test
+    experiments) and 8x8 PNGs for a random ``images`` share of its sites."""
     out.mkdir(parents=True, exist_ok=True)
     frames = {name: pd.read_csv(REAL / name, dtype=str) for name in FILES} if (REAL / "train.csv").is_file() \
         else _synthetic_structure()
-    experiments = sorted(set(frames["train.csv"].experiment) | set(frames["test.csv"].experiment))
-    keep = set(experiments[: max(1, int(round(len(experiments) * fraction)))])
+    keep = set()  # the first ``fraction`` of the train and of the test experiments: both splits are present
+    for name in ("train.csv", "test.csv"):
+        experiments = sorted(set(frames[name].experiment))
+        keep |= set(experiments[: max(1, int(round(len(experiments) * fraction)))])
     test_ids = set()
     for name, frame in frames.items():
         if name == "sample_submission.csv":

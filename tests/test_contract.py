@@ -492,7 +492,10 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_again(fixtures, tmp_
 def test_ctrl_c_is_one_line_and_exit_130(fixtures, tmp_path):
     proc = subprocess.Popen([RCIC, "train", "--data", str(fixtures["store"]), "--recipe", "cpu-demo", "--out",
                              str(tmp_path / "r"), "--set", "trainer.epochs=50", "--set", "data.num_workers=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell that runs the suite in the background ignores SIGINT for its children;
+                            # a user's terminal does not, and that is the case under test
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "r" / "run.json").is_file() and time.time() < deadline:
         time.sleep(0.2)
