@@ -1,6 +1,7 @@
 """Mutation score of the modules that decide results, with mutmut 3, one module at a time.
 
     python bench/mutation.py [assign submit profiles config metadata] [--children 2] [--sample N] [--keep]
+                             [--seed 0]
                              [--real] [--examples 6] [--out DIR] [--report]
 
 For each module, a scratch copy of ``src/``, ``tests/`` and ``pyproject.toml`` goes to
@@ -16,9 +17,10 @@ CSVs make no new mutant reachable that the synthetic tests do not reach. The pro
 ``--examples`` examples each (``RCIC_PROPERTY_EXAMPLES``; 15 in CI) and pytest stops at the first
 failure, so that a mutant costs seconds.
 
-``--sample N`` tests N mutants drawn at random (seed 0) instead of all of them: on 2 busy cores a
-mutant costs ~10 s, and a module has 300-800 (the score of a random sample estimates the module's,
-within ~1/sqrt(N)). ``--keep`` reuses a module's folder, so mutants already tested are not rerun.
+``--sample N`` tests N mutants drawn at random (``--seed``, 0 by default) instead of all of them: on 2 busy
+cores a mutant costs ~10 s, and a module has 300-800 (the score of a random sample estimates the module's,
+within ~1/sqrt(N); another ``--seed`` draws another sample to confirm it). ``--keep`` reuses a module's folder,
+so mutants already tested are not rerun (a second sample with ``--keep`` skips mutmut's first pass).
 
 Results: ``DIR/<module>.json`` (counts by status and the surviving mutants) and one line per module
 on stdout; ``mutmut show NAME`` inside ``DIR/<module>/`` prints a survivor's diff. A mutant is
@@ -113,7 +115,8 @@ def mutant_names(work: Path) -> list[str]:
                   for name in json.loads(meta.read_text())["exit_code_by_key"])
 
 
-def run(module: str, out: Path, children: int, real: bool, examples: int, sample: int | None, keep: bool) -> dict:
+def run(module: str, out: Path, children: int, real: bool, examples: int, sample: int | None, keep: bool,
+        seed: int = 0) -> dict:
     work = out / module if keep and (out / module / "mutants").is_dir() else prepare(module, out)
     env = {**os.environ, "RCIC_REALDATA": os.environ.get("RCIC_REALDATA", "") if real else str(work / "no-real-data"),
            "RCIC_PROPERTY_EXAMPLES": str(examples)}
@@ -126,10 +129,10 @@ def run(module: str, out: Path, children: int, real: bool, examples: int, sample
                 # which function) in any run: one asked for a name that matches nothing stops right after that
                 subprocess.run([*command, "no-such-mutant"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
             names = mutant_names(work)
-            chosen = sorted(random.Random(0).sample(names, min(sample, len(names))))
+            chosen = sorted(random.Random(seed).sample(names, min(sample, len(names))))
         proc = subprocess.run([*command, *(chosen or [])], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     result = {"module": module, "files": MODULES[module][0], "tests": MODULES[module][1],
-              "mutmut_exit": proc.returncode, "sample": sample, **results(work, chosen)}
+              "mutmut_exit": proc.returncode, "sample": sample, "seed": seed, **results(work, chosen)}
     (out / f"{module}.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -142,18 +145,21 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=6, help="hypothesis examples per property test (CI: 15)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "mutation")
     ap.add_argument("--report", action="store_true", help="only read the results of finished runs in --out")
-    ap.add_argument("--sample", type=int, help="test this many mutants per module, drawn at random (seed 0)")
+    ap.add_argument("--sample", type=int, help="test this many mutants per module, drawn at random")
+    ap.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw")
     ap.add_argument("--keep", action="store_true", help="reuse --out/MODULE: mutants already tested are not rerun")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for module in args.modules:
         if args.report:
             names = mutant_names(args.out.resolve() / module)
-            chosen = sorted(random.Random(0).sample(names, min(args.sample, len(names)))) if args.sample else None
+            chosen = (sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
+                      if args.sample else None)
             r = results(args.out.resolve() / module, chosen)
             (args.out / f"{module}-report.json").write_text(json.dumps(r, indent=2))
         else:
-            r = run(module, args.out.resolve(), args.children, args.real, args.examples, args.sample, args.keep)
+            r = run(module, args.out.resolve(), args.children, args.real, args.examples, args.sample, args.keep,
+                    args.seed)
         c = r["counts"]
         print(f"{module:<10} {r['mutants']:>5} mutants  killed {c.get('killed', 0):>4}  survived "
               f"{c.get('survived', 0):>4}  timeout {c.get('timeout', 0):>3}  no tests {c.get('no tests', 0):>4}  "
