@@ -260,6 +260,9 @@ KAGGLE_ERRORS = [
     ("not utf-8", [("test.csv", "HEPG2-02,1", "HEPG2-\xe9,1")], "{d}/test.csv: not a text CSV (not UTF-8)"),
     ("missing column", [("test_controls.csv", ",well_type\n", "\n"), ("test_controls.csv", ",negative_control", "")],
      "{d}/test_controls.csv: missing column(s) well_type; found id_code, experiment, plate, well, sirna"),
+    ("two missing columns", [("test_controls.csv", ",sirna,well_type\n", "\n"),
+                             ("test_controls.csv", ",1138,negative_control", "")],
+     "{d}/test_controls.csv: missing column(s) sirna, well_type; found id_code, experiment, plate, well"),
     ("plate 5", [("train.csv", "HEPG2-01_1_B04,HEPG2-01,1", "HEPG2-01_5_B04,HEPG2-01,5")],
      "{d}/train.csv: plate '5' outside 1-4 (row 3)"),
     ("plate 0", [("train.csv", "HEPG2-01_1_B04,HEPG2-01,1", "HEPG2-01_0_B04,HEPG2-01,0")],
@@ -417,6 +420,8 @@ RELEASE_ERRORS = [
     ("wilds without sirna_id", True, [], ["sirna_id"], "{m}: missing column sirna_id (the labels of the wilds layout)"),
     ("no dataset column", False, [], ["dataset"], "{m}: missing column(s) dataset; found site_id, well_id, cell_type, "
                                                   "experiment, plate, well, site, well_type, sirna, sirna_id"),
+    ("plate 5", False, [(3, "plate", "5")], [], "{m}: plate '5' outside 1-4 (row 3)"),
+    ("well Z99", False, [(3, "well", "Z99")], [], "{m}: unknown well name 'Z99' (row 3)"),
     ("site 3", False, [(3, "site", "3")], [], "{m}: site '3' outside 1-2 (row 3)"),
     ("site 0", False, [(3, "site", "0")], [], "{m}: site '0' outside 1-2 (row 3)"),
     ("dataset misspelt", False, [(2, "dataset", "trian"), (3, "dataset", "trian")], [],

@@ -226,3 +226,206 @@ def test_embed_writes_one_row_per_well(tiny_run, tiny_store, tmp_path):
     assert set(pd.read_parquet(tmp_path / "t.parquet").id_code) == set(ds.wells[ds.wells.split == "test"].id_code)
     with pytest.raises(DataError):
         correct(meta, x, "zca")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast checks on hand-made tables (what bench/mutation.py runs for rcic.profiles)
+# ----------------------------------------------------------------------------------------------
+
+
+def _controls_meta(negatives_per_experiment: dict[str, int]) -> pd.DataFrame:
+    """Per experiment: that many negative controls, two positive controls of one siRNA, two treatments."""
+    rows = []
+    for exp, n in negatives_per_experiment.items():
+        rows += [("negative_control", "EMPTY")] * n + [("positive_control", "p1")] * 2 + [("treatment", "s1")] * 2
+        rows[-(n + 4):] = [(t, label, exp) for t, label in rows[-(n + 4):]]
+    return _meta([r[1] for r in rows], [r[2] for r in rows], well_types=[r[0] for r in rows])
+
+
+def test_corrections_refuse_too_few_controls_unknown_methods_and_control_sets():
+    meta = _controls_meta({"X-01": 2, "X-02": 1, "X-03": 0})
+    x = np.random.default_rng(0).normal(size=(len(meta), 3))
+    with pytest.raises(DataError) as err:
+        correct(meta, x, "standardize", controls="negative")
+    assert str(err.value) == ("--controls negative: experiment X-02 has 1 negative-control well(s); correction "
+                              "standardize needs at least 2 per experiment (2 experiment(s) short; try --controls all "
+                              "or within)")
+    with pytest.raises(DataError) as err:
+        correct(meta, x, "center", controls="negative", source="emb.parquet")
+    assert str(err.value) == ("emb.parquet: --controls negative: experiment X-03 has 0 negative-control well(s); "
+                              "correction center needs at least 1 per experiment (1 experiment(s) short; try "
+                              "--controls all or within)")
+    # within: controls of a siRNA with one well in its experiment give no reference row
+    single = _meta(["EMPTY", "p1", "p2", "s1"], ["X-01"] * 4,
+                   well_types=["negative_control", "positive_control", "positive_control", "treatment"])
+    with pytest.raises(DataError) as err:
+        correct(single, x[:4], "tvn", controls="within")
+    assert str(err.value) == ("--controls within: experiment X-01 has 0 control (in a siRNA with 2+ wells) well(s); "
+                              "correction tvn needs at least 2 per experiment (1 experiment(s) short; try --controls "
+                              "all or within)")
+    assert correct(single, x[:4], "tvn", controls="all").shape == (4, 3)
+    np.testing.assert_array_equal(correct(meta, x, "none"), x)  # needs no controls
+    for bad, message in [(dict(method="zca"), "unknown correction 'zca'; choose from none, pca, center, standardize, "
+                                              "spherize, tvn, harmony, combat, scanorama"),
+                         (dict(method="center", controls="some"), "--controls must be one of negative, all, within, "
+                                                                  "got 'some'")]:
+        with pytest.raises(DataError) as err:
+            correct(meta, x, **bad)
+        assert str(err.value) == message
+
+
+def test_controls_all_and_within_pick_every_control_and_center_uses_their_mean():
+    meta = _controls_meta({"X-01": 1, "X-02": 2})
+    x = np.arange(len(meta) * 2, dtype=float).reshape(-1, 2) ** 1.5
+    for controls in ("all", "within"):
+        z = correct(meta, x, "center", controls=controls)
+        for exp in ("X-01", "X-02"):
+            rows = (meta.experiment == exp).to_numpy()
+            ref = rows & (meta.well_type != "treatment").to_numpy()
+            np.testing.assert_allclose(z[rows], x[rows] - x[ref].mean(0))
+    z = correct(meta, x, "center", controls="negative")
+    rows = (meta.experiment == "X-01").to_numpy()
+    np.testing.assert_allclose(z[rows], x[rows] - x[rows & (meta.well_type == "negative_control").to_numpy()].mean(0))
+
+
+def test_principal_components_are_the_centred_datas_projections():
+    from rcic.profiles.correct import principal_components
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4)) @ np.diag([5.0, 3.0, 1.0, 0.5]) + 10
+    pcs = principal_components(x)
+    assert pcs.shape == (6, 4)  # k = min(50, features, wells - 1)
+    centred = x - x.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(centred, rowvar=False))
+    expected = centred @ vectors[:, ::-1]  # largest variance first
+    np.testing.assert_allclose(np.abs(pcs), np.abs(expected), atol=1e-9)
+    assert principal_components(x, k=2).shape == (6, 2) and principal_components(x[:3]).shape == (3, 2)
+    meta = _meta(["a"] * 6, ["X-01"] * 6)
+    np.testing.assert_allclose(correct(meta, x, "pca"), pcs)
+
+
+def test_scored_wells_leave_out_the_seen_ones_and_say_so():
+    from rcic.profiles import scored_wells
+
+    meta = _meta(["a", "b", "c"], ["X-01"] * 3)
+    mask, note = scored_wells(meta)
+    assert mask.tolist() == [True] * 3
+    assert note == ("no seen_in_training column: all 3 wells are treated as unseen by the model that made them "
+                    "(rcic embed records it)")
+    seen = meta.assign(seen_in_training=[True, False, False])
+    mask, note = scored_wells(seen)
+    assert mask.tolist() == [False, True, True]
+    assert note == "scoring 2 wells unseen in training (1 seen wells left out; --include-seen keeps them)"
+    mask, note = scored_wells(seen, include_seen=True)
+    assert mask.tolist() == [True] * 3 and note == "scoring all 3 wells, 1 of them seen in training (--include-seen)"
+    with pytest.raises(DataError) as err:
+        scored_wells(meta.assign(seen_in_training=True))
+    assert str(err.value) == ("all 3 wells were seen in training by the model that embedded them: embed held-out "
+                              "experiments (rcic embed RUN... --split val) or pass --include-seen")
+
+
+def test_gene_tables_must_share_labels_and_genes(tmp_path):
+    from rcic.profiles import read_gene_tables
+
+    meta = _meta(["s1", "s2", ""], ["X-01"] * 3)
+    (tmp_path / "genes.csv").write_text("label,gene\ns1,G1\ns2,G2\n")
+    (tmp_path / "rel.csv").write_text("gene_a,gene_b\nG1,G2\n")
+    genes, pairs = read_gene_tables(tmp_path / "genes.csv", tmp_path / "rel.csv", meta)
+    assert genes.values.tolist() == [["s1", "G1"], ["s2", "G2"]] and pairs.values.tolist() == [["G1", "G2"]]
+    (tmp_path / "other.csv").write_text("label,gene\nx1,G1\n")
+    with pytest.raises(DataError) as err:
+        read_gene_tables(tmp_path / "other.csv", tmp_path / "rel.csv", meta.iloc[:1])
+    assert str(err.value) == (f"{tmp_path / 'other.csv'}: no label of the gene table is a label of the embeddings "
+                              "(e.g. 'x1' vs 's1'): another dataset or label spelling?")
+    (tmp_path / "rel.csv").write_text("gene_a,gene_b\nG1,G9\n")
+    with pytest.raises(DataError) as err:
+        read_gene_tables(tmp_path / "genes.csv", tmp_path / "rel.csv", meta)
+    assert str(err.value) == f"{tmp_path / 'rel.csv'}: no relationship joins two genes of the gene table"
+    with pytest.raises(DataError) as err:
+        phenomic_map(meta, np.ones((3, 2)), ["none", "zca"])
+    assert str(err.value) == ("unknown correction 'zca'; choose from none, pca, center, standardize, spherize, tvn, "
+                              "harmony, combat, scanorama")
+
+
+def test_embeddings_files_round_trip_and_their_defects_are_named(tmp_path):
+    meta = _meta(["s1", "", "EMPTY"], ["X-01"] * 3, well_types=["treatment", "treatment", "negative_control"])
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.5]])
+    path = tmp_path / "e.parquet"
+    write_embeddings(path, embedding_frame(meta, x, seen=np.array([True, False, False])))
+    back, features = read_embeddings(path)
+    assert back[META_COLUMNS].values.tolist() == meta[META_COLUMNS].values.tolist()
+    assert back["seen_in_training"].tolist() == [True, False, False]
+    np.testing.assert_array_equal(features, x)
+    frame = pd.read_parquet(path)
+
+    def refused(changed, name="bad.parquet") -> str:
+        changed.to_parquet(tmp_path / name)
+        with pytest.raises(DataError) as err:
+            read_embeddings(tmp_path / name)
+        return str(err.value).removeprefix(f"{tmp_path / name}: ")
+
+    assert refused(frame.drop(columns=["label", "plate"])) == (
+        "missing metadata column(s) plate, label (an embeddings table has id_code, experiment, plate, well, "
+        "cell_type, well_type, label and emb_0, emb_1, ...)")
+    assert refused(frame.drop(columns=["emb_0", "emb_1"])) == ("no emb_* columns: the features must be columns "
+                                                               "emb_0, emb_1, ...")
+    assert refused(frame.assign(emb_1=[1.0, np.inf, np.nan])) == ("2 wells have NaN or infinite embeddings (first "
+                                                                  "'X-01_1_B03')")
+    assert refused(frame.assign(emb_1=["a", "b", "c"])) == "the emb_* columns are not all numbers"
+    assert refused(frame.assign(seen_in_training=[1, 0, 0])) == "column seen_in_training must be true/false"
+    assert refused(frame.assign(well_type="control")) == ("unknown well_type 'control' (expected treatment, "
+                                                          "positive_control, negative_control)")
+    assert refused(frame.assign(id_code="X")) == "duplicate id_code 'X'"
+    assert refused(frame.iloc[:1]) == "fewer than two wells"
+    # emb_10 after emb_9: features in numeric order, not as strings
+    wide = embedding_frame(meta, np.arange(33.0).reshape(3, 11))
+    wide.to_parquet(tmp_path / "wide.parquet")
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "wide.parquet")[1], np.arange(33.0).reshape(3, 11))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError) as err:
+        read_embeddings(tmp_path / "junk.parquet")
+    assert str(err.value) == f"{tmp_path / 'junk.parquet'}: not a readable parquet file (ArrowInvalid)"
+    with pytest.raises(DataError) as err:
+        read_embeddings(tmp_path / "none.parquet")
+    assert str(err.value) == f"{tmp_path / 'none.parquet'}: embeddings file not found"
+    with pytest.raises(DataError) as err:
+        write_embeddings(tmp_path / "e.csv", frame)
+    assert str(err.value) == f"{tmp_path / 'e.csv'}: embeddings are written as parquet: give a file name ending in " \
+                             ".parquet"
+
+
+def test_map_scores_are_the_metrics_of_each_corrections_output_on_a_small_table():
+    """phenomic_map on a hand-made table (3 experiments x 6 siRNAs x 2 wells + controls): each number equals its
+    metric on that correction's output, and progress counts every step."""
+    from rcic.profiles.metrics import batch_leakage, probe_accuracy, replicate_map
+
+    rng = np.random.default_rng(3)
+    rows = [(f"s{k}", f"HEPG2-0{e}", "treatment") for e in (1, 2, 3) for k in range(6) for _ in range(2)]
+    rows += [("EMPTY", f"HEPG2-0{e}", "negative_control") for e in (1, 2, 3) for _ in range(3)]
+    meta = _meta([r[0] for r in rows], [r[1] for r in rows], well_types=[r[2] for r in rows])
+    signal = {f"s{k}": rng.normal(size=5) * 2 for k in range(6)} | {"EMPTY": np.zeros(5)}
+    offset = {e: rng.normal(size=5) * 3 for e in meta.experiment.unique()}
+    x = np.stack([signal[r[0]] + offset[r[1]] for r in rows]) + rng.normal(scale=0.5, size=(len(rows), 5))
+    genes = pd.DataFrame({"label": [f"s{k}" for k in range(6)], "gene": ["G0", "G0", "G1", "G2", "G3", "G4"]})
+    pairs = pd.DataFrame({"gene_a": ["G1", "G2"], "gene_b": ["G3", "G4"]})
+    steps = []
+    result = phenomic_map(meta, x, ["none", "center", "none"], genes, pairs, null_size=50, controls="negative",
+                          progress=lambda done, total: steps.append((done, total)))
+    assert list(result.scores) == ["none", "center"] and steps == [(i, 15) for i in range(1, 11)]
+    for method in ("none", "center"):
+        z = correct(meta, x, method, controls="negative")
+        np.testing.assert_allclose(result.corrected[method], z)
+        s = result.scores[method]
+        mean_ap, fraction, per_sirna = replicate_map(meta, z, null_size=50)
+        assert (s["replicate_map"], s["replicate_fraction"]) == pytest.approx((mean_ap, fraction))
+        assert len(result.per_sirna[method]) == 6
+        assert (s["batch_leakage"], s["batch_leakage_expected"]) == pytest.approx(batch_leakage(meta, z))
+        recall, interval, n = known_recall(meta, z, genes, pairs)
+        assert (s["known_recall"], s["known_recall_ci"], s["known_pairs"]) == (recall, list(interval), n) and n == 2
+        assert s["probe_acc"] == pytest.approx(probe_accuracy(meta, z))
+    # the raw table carries each experiment's offset: 5 same-experiment wells of 13 expected by chance... and more
+    assert result.scores["none"]["batch_leakage_expected"] == pytest.approx(14 / 44)
+    assert result.scores["none"]["batch_leakage"] > result.scores["center"]["batch_leakage"]
+    bare = phenomic_map(meta, x, ["none"], probe=False)
+    assert bare.scores["none"]["known_recall"] is None and bare.scores["none"]["known_pairs"] == 0
+    assert bare.scores["none"]["probe_acc"] is None and bare.scores["none"]["known_recall_ci"] is None

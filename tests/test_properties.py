@@ -253,6 +253,64 @@ def test_scale_free_corrections_do_not_depend_on_the_embeddings_units(shape, fac
     np.testing.assert_allclose(correct(meta, x * factor, method), correct(meta, x, method), atol=1e-6)
 
 
+def _efaar_tvn(meta: pd.DataFrame, x: np.ndarray, chosen: np.ndarray, ridge: float = 0.5) -> np.ndarray:
+    """EFAAR's typical variation normalisation written out step by step (scikit-learn, scipy): standardise on
+    the controls, PCA fitted on them, standardise again on them, then each experiment times
+    (C_e + ridge I)^(-1/2), C_e the covariance of its controls."""
+    from scipy.linalg import fractional_matrix_power
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    a = StandardScaler().fit(x[chosen]).transform(x)
+    a = PCA().fit(a[chosen]).transform(a)
+    a = StandardScaler().fit(a[chosen]).transform(a)
+    out = np.empty_like(a)
+    for experiment in meta["experiment"].unique():
+        rows = (meta["experiment"] == experiment).to_numpy()
+        cov = np.cov(a[rows & chosen], rowvar=False, ddof=1).reshape(a.shape[1], a.shape[1])
+        out[rows] = a[rows] @ np.real(fractional_matrix_power(cov + ridge * np.eye(a.shape[1]), -0.5))
+    return out
+
+
+@FEW
+@given(shape=embedding_shapes)
+def test_tvn_is_efaars_and_whitens_each_experiments_controls_without_its_ridge(shape):
+    from rcic.profiles.correct import typical_variation_normalization
+
+    meta, x = _whitening_case(shape)
+    chosen = (meta["well_type"] != "treatment").to_numpy()
+    np.testing.assert_allclose(correct(meta, x, "tvn", controls="all"), _efaar_tvn(meta, x, chosen),
+                               rtol=1e-6, atol=1e-6)
+    z = typical_variation_normalization(meta, x, "all", ridge=0.0)
+    for ref, _ in _references(meta, "all"):
+        np.testing.assert_allclose(np.cov(z[ref], rowvar=False).reshape(x.shape[1], -1), np.eye(x.shape[1]),
+                                   atol=1e-6)
+
+
+@FAST
+@given(shape=embedding_shapes)
+def test_within_references_are_controls_minus_their_sirnas_mean_plus_the_experiments(shape):
+    """Each control well of a siRNA with 2+ wells in its experiment, moved by (its experiment's control mean
+    - its siRNA's mean there); single-well siRNAs left out; rows in table order."""
+    from rcic.profiles.correct import reference_wells
+
+    meta, x = _embeddings(*shape)
+    ref, experiments = reference_wells(meta, x, "within")
+    expected, expected_experiments = [], []
+    for i in range(len(meta)):
+        if meta.well_type[i] == "treatment":
+            continue
+        controls = (meta.experiment == meta.experiment[i]) & (meta.well_type != "treatment")
+        same = controls & (meta.label == meta.label[i])
+        if same.sum() >= 2:
+            expected.append(x[i] - x[same.to_numpy()].mean(0) + x[controls.to_numpy()].mean(0))
+            expected_experiments.append(meta.experiment[i])
+    np.testing.assert_allclose(ref, np.array(expected).reshape(-1, x.shape[1]), atol=1e-9)
+    assert experiments.tolist() == expected_experiments
+    negative, _ = reference_wells(meta, x, "negative")
+    np.testing.assert_array_equal(negative, x[(meta.well_type == "negative_control").to_numpy()])
+
+
 # ----------------------------------------------------------------------------------------------
 # Submission validation, and evaluate == submit + score
 # ----------------------------------------------------------------------------------------------
