@@ -312,3 +312,45 @@ def test_rxrx1_model_embeds_rxrx3_core_as_unseen(tiny_run, tmp_path):
     run_cli("benchmark", "rxrx3-core", "--metadata", out / METADATA_FILE, "--embeddings", tmp_path / "e.parquet",
             "--out", tmp_path / "bench", "--json")
     assert json.loads((tmp_path / "bench" / "scores.json").read_text())
+
+
+def test_replicate_average_precision_of_an_rxrx3_map_equals_copairs_with_ties():
+    """Replicate AP on an RxRx3-core-like map (compound doses replicated across experiments, each gene
+    in one experiment, controls unlabelled or positive) equals copairs' on the labelled wells, with
+    exact ties everywhere: 16-d vectors with four entries of +-1 (unit entries +-0.5), so every
+    cosine is a multiple of 1/4 in float32 and float64 alike. Both code paths (the rows-and-columns
+    restricted one and the one sharing blocks with the nearest neighbours), the comparison passes,
+    the sorted rows (a dose with 15 positives) and the narrow broadcast are all exercised."""
+    from copairs.map import average_precision as copairs_ap
+
+    from rcic.profiles.metrics import replicate_average_precision, similarity_scores
+
+    rng = np.random.default_rng(3)
+    rows = [(f"cpd{c}@1uM", f"compound-{(c + k) % 4 + 1:03d}", "treatment") for c in range(300) for k in range(4)]
+    rows += [("cpd7@1uM", "compound-002", "treatment")] * 2  # same dose twice in one experiment: not candidates
+    rows += [("busy@10uM", f"compound-{k % 4 + 1:03d}", "treatment") for k in range(20)]
+    rows += [(f"GENE{g}", f"gene-{g % 3 + 1:03d}", "treatment") for g in range(50) for _ in range(4)]
+    rows += [("", f"gene-{k % 3 + 1:03d}", "negative_control") for k in range(40)]
+    rows += [("CRISPR_control", f"compound-{k % 4 + 1:03d}", "positive_control") for k in range(20)]
+    labels, experiments, well_types = (list(column) for column in zip(*rows))
+    n = len(rows)
+    meta = pd.DataFrame({"id_code": [f"{e}_1_{i}" for i, e in enumerate(experiments)], "experiment": experiments,
+                         "plate": 1, "well": [str(i) for i in range(n)], "cell_type": "HUVEC",
+                         "well_type": well_types, "label": labels})
+    prototypes = np.zeros((12, 16))
+    for p in prototypes:
+        p[rng.choice(16, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
+    own = {label: rng.integers(12) for label in set(labels)}
+    x = prototypes[[own[label] if rng.random() < 0.5 else rng.integers(12) for label in labels]]
+    chosen = (meta["well_type"] == "treatment").to_numpy()
+    theirs = copairs_ap(meta[chosen].reset_index(drop=True), x[chosen], pos_sameby=["label", "cell_type"],
+                        pos_diffby=["experiment"], neg_sameby=["cell_type"], neg_diffby=["label"], progress_bar=False)
+    theirs = theirs.dropna(subset=["average_precision"])
+    theirs.index = np.flatnonzero(chosen)[theirs.index]
+    assert theirs["n_pos_pairs"].max() == 15 and len(theirs) == 1222  # the genes have no replicate elsewhere
+    for ours in (replicate_average_precision(meta, x), similarity_scores(meta, x).average_precision):
+        ours = ours.set_index("row")
+        assert list(ours.index) == list(theirs.index)
+        np.testing.assert_allclose(ours["average_precision"], theirs["average_precision"], rtol=0, atol=1e-12)
+        assert (ours["n_pos_pairs"] == theirs["n_pos_pairs"]).all()
+        assert (ours["n_total_pairs"] == theirs["n_total_pairs"]).all()

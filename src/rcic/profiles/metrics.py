@@ -34,6 +34,8 @@ K_NEIGHBOURS = 10
 RECALL_TAIL = 0.05
 PROBE_COMPONENTS = 32
 BLOCK_ROWS = 512
+BLOCK_ELEMENTS = 2**26  # similarities per block of the replicate-only pass: 256 MB of float32
+COUNT_PASSES = 12  # up to this many positives, a comparison pass each beats sorting the row
 NULL_SIZE = 1000  # permutations behind each p-value (p >= 1/1001); rcic map --null-size raises it
 PROBE_WELLS_PER_CLASS = 8  # training wells per siRNA for the probe: a fixed, affordable protocol
 
@@ -67,44 +69,52 @@ def similarity_scores(meta: pd.DataFrame, x: np.ndarray, k: int = K_NEIGHBOURS) 
     """Cosine similarities of the wells of each cell type, in row blocks, computed once and used twice:
     replicate APs among the labelled treatment wells, and each well's k nearest neighbours.
 
-    torch does the block arithmetic: its element-wise ops, ``topk`` and batched ``searchsorted``
-    run on every core, several times faster than numpy's here (62,755 wells: seconds, not minutes).
+    With neighbours (``k`` below the wells of a cell type) every row block is a matmul against all the
+    wells: torch's ``topk`` takes the neighbours; the block's wells with a replicate elsewhere get their
+    APs from its labelled columns. Without (``replicate_average_precision``), only those wells are rows
+    and only the labelled wells are columns: the other wells and the wells without a positive (on
+    RxRx3-core, every knockout: each gene sits in one experiment) cost nothing.
     """
-    import torch
-
     labelled = labelled_treatments(meta)
     ap_rows, shares, expected = [], [], []
     for _, frame in meta.groupby("cell_type", sort=True):
         index = frame.index.to_numpy()
-        feats = torch.from_numpy(_unit(x[index]))
+        unit = _unit(x[index])
         n = len(index)
-        experiments = torch.from_numpy(pd.factorize(frame["experiment"])[0])
-        is_labelled = labelled[index]
-        lab_cols = torch.from_numpy(np.flatnonzero(is_labelled))
-        labels = torch.from_numpy(pd.factorize(frame["label"].to_numpy()[is_labelled])[0])
-        lab_exp = experiments[lab_cols]
-        lab_position = torch.full((n,), -1, dtype=torch.long)
-        lab_position[lab_cols] = torch.arange(len(lab_cols))
+        experiments = pd.factorize(frame["experiment"])[0]
+        lab_cols = np.flatnonzero(labelled[index])
+        replicates = _Replicates(frame["label"].to_numpy()[lab_cols], experiments[lab_cols])
+        found = []  # (lab positions of the queries, APs, positives, candidates)
         if n > k:
-            sizes = torch.bincount(experiments)
-            expected.append(((sizes[experiments] - 1) / (n - 1)).numpy())
-        for start in range(0, n, BLOCK_ROWS):
-            block = torch.arange(start, min(start + BLOCK_ROWS, n))
-            sims = feats[block] @ feats.T  # (b, n): the one matmul of this block
-            query = block[torch.from_numpy(is_labelled[block.numpy()])]
-            if len(query) and len(lab_cols) > 1:
-                q = lab_position[query]
-                sub = sims[query - start][:, lab_cols]
-                same_label = labels[q][:, None] == labels[None, :]
-                same_exp = lab_exp[q][:, None] == lab_exp[None, :]
-                aps, n_pos, n_total = _average_precision(sub, same_label & ~same_exp, ~(same_label & same_exp))
-                keep = n_pos > 0
-                ap_rows.append(pd.DataFrame({"row": index[query[keep].numpy()], "average_precision": aps[keep],
-                                             "n_pos_pairs": n_pos[keep], "n_total_pairs": n_total[keep]}))
-            if n > k:
+            import torch
+
+            feats, exp_t = torch.from_numpy(unit), torch.from_numpy(experiments)
+            sizes = torch.bincount(exp_t)
+            expected.append(((sizes[exp_t] - 1) / (n - 1)).numpy())
+            query_of_well = np.full(n, -1)  # a query's position among the labelled wells, else -1
+            query_of_well[lab_cols[replicates.queries]] = replicates.queries
+            for start in range(0, n, BLOCK_ROWS):
+                block = torch.arange(start, min(start + BLOCK_ROWS, n))
+                sims = feats[block] @ feats.T  # (b, n): the one matmul of this block
+                rows = np.flatnonzero(query_of_well[start:start + len(block)] >= 0)
+                if len(rows):
+                    queries = query_of_well[start + rows]
+                    found.append((queries, *replicates.average_precision(sims.numpy()[np.ix_(rows, lab_cols)],
+                                                                         queries)))
                 sims[torch.arange(len(block)), block] = -torch.inf  # not its own neighbour
                 nearest = sims.topk(k, dim=1).indices
-                shares.append((experiments[nearest] == experiments[block, None]).float().mean(1).numpy())
+                shares.append((exp_t[nearest] == exp_t[block, None]).float().mean(1).numpy())
+        elif replicates.queries.size:
+            lab_unit = np.ascontiguousarray(unit[lab_cols])
+            rows_per_block = int(np.clip(BLOCK_ELEMENTS // len(lab_cols), 1, BLOCK_ROWS))
+            for start in range(0, len(replicates.queries), rows_per_block):
+                queries = replicates.queries[start:start + rows_per_block]
+                found.append((queries, *replicates.average_precision(lab_unit[queries] @ lab_unit.T, queries)))
+        if found:
+            queries, aps, n_pos, n_total = (np.concatenate(part) for part in zip(*found))
+            order = np.argsort(queries, kind="stable")  # row order, whichever order the blocks took
+            ap_rows.append(pd.DataFrame({"row": index[lab_cols[queries[order]]], "average_precision": aps[order],
+                                         "n_pos_pairs": n_pos[order], "n_total_pairs": n_total[order]}))
     columns = ["row", "average_precision", "n_pos_pairs", "n_total_pairs"]
     ap = pd.concat(ap_rows, ignore_index=True) if ap_rows else pd.DataFrame(columns=columns)
     ap["label"] = meta["label"].to_numpy()[ap["row"].astype(int)]
@@ -114,29 +124,70 @@ def similarity_scores(meta: pd.DataFrame, x: np.ndarray, k: int = K_NEIGHBOURS) 
     return SimilarityScores(ap, float(np.concatenate(shares).mean()), float(np.concatenate(expected).mean()))
 
 
-def _average_precision(sims, positive, valid):
-    """AP of each row (torch tensors): candidates ranked by similarity; mean over positives of
-    (positives so far) / rank.
+class _Replicates:
+    """The labelled wells of one cell type, for copairs' replicate AP: a well's positives are the wells
+    of its label in other experiments, its candidates every labelled well but those of its label in its
+    own experiment (itself included); the rest are negatives. Queries: the wells with a positive,
+    ordered by the size of their label so that a block's padded label arrays stay narrow."""
 
-    Without sorting whole rows: each negative is located among its row's sorted positives (batched
-    ``searchsorted``), which counts the negatives ranked above every positive.
-    """
-    import torch
+    def __init__(self, labels: np.ndarray, experiments: np.ndarray):
+        label_codes = pd.factorize(labels)[0]
+        same_label = np.bincount(label_codes)[label_codes]
+        pairs = label_codes.astype(np.int64) * (int(experiments.max(initial=0)) + 1) + experiments
+        pair_codes = np.unique(pairs, return_inverse=True)[1].reshape(-1)
+        same_both = np.bincount(pair_codes)[pair_codes]
+        self.label_codes, self.experiments = label_codes, experiments
+        self.n_pos = same_label - same_both
+        self.n_total = len(labels) - same_both
+        self.queries = np.flatnonzero(self.n_pos > 0)
+        self.queries = self.queries[np.argsort(same_label[self.queries], kind="stable")]
+        self.members = np.argsort(label_codes, kind="stable")  # the wells of each label, contiguous
+        self.group_size = np.bincount(label_codes)
+        self.group_start = np.concatenate([[0], np.cumsum(self.group_size)[:-1]]).astype(int)
 
-    b = sims.shape[0]
-    n_pos, n_total = positive.sum(1), valid.sum(1)
-    m = max(int(n_pos.max()), 1)
-    pos = torch.where(positive, sims, 3.0).topk(m, dim=1, largest=False).values  # ascending; pads 3.0 last
-    negatives = torch.where(valid & ~positive, sims, -5.0)  # others land below every positive: never counted
-    below = torch.searchsorted(pos.contiguous(), negatives.contiguous())  # positives this negative outranks
-    hist = torch.zeros((b, m + 1), dtype=torch.long).scatter_add_(1, below, torch.ones_like(below))
-    above = hist.flip(1).cumsum(1).flip(1)  # above[:, i]: negatives outranking at least i positives
-    i = torch.arange(m)[None, :]
-    better = n_pos[:, None] - i  # the ascending i-th positive is the (n_pos - i)-th best
-    rank = better + torch.cat([above[:, 1:], torch.zeros((b, 1), dtype=torch.long)], dim=1)[:, :m]
-    precision = torch.where(i < n_pos[:, None], better / rank.clamp_min(1), 0.0)
-    aps = (precision.sum(1) / n_pos.clamp_min(1)).double().numpy()
-    return aps, n_pos.numpy(), n_total.numpy()
+    def average_precision(self, sims: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(AP, positives, candidates) of ``queries`` (positions among the labelled wells), from their
+        similarities to every labelled well (rows of ``sims``).
+
+        copairs ranks a query's candidates by similarity, a positive before the negatives it ties. So
+        the r-th best positive, of similarity t, sits at rank r + (negatives above t), and the
+        negatives above t are the labelled wells above t less the wells of the query's label above t:
+        counts, without sorting a row. AP: the mean over positives of r / rank."""
+        sims = np.asarray(sims, np.float32)
+        label = self.label_codes[queries]
+        width = int(self.group_size[label].max())
+        offset = np.arange(width)
+        in_group = offset < self.group_size[label][:, None]
+        members = self.members[np.where(in_group, self.group_start[label][:, None] + offset, 0)]
+        group_sims = np.where(in_group, np.take_along_axis(sims, members, 1), -np.inf).astype(np.float32)
+        positive = in_group & (self.experiments[members] != self.experiments[queries][:, None])
+        n_pos = self.n_pos[queries]
+        most = int(n_pos.max())
+        # each row's positive similarities, best first; -inf pads after them
+        best = -np.sort(-np.where(positive, group_sims, -np.inf), axis=1)[:, :most].astype(np.float32)
+        negatives_above = _count_above(sims, best) - _count_above(group_sims, best)
+        r = np.arange(1, most + 1)
+        precision = np.where(r <= n_pos[:, None], r / (r + negatives_above), 0.0)
+        return precision.sum(1) / n_pos, n_pos, self.n_total[queries]
+
+
+def _count_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """counts[i, j]: the entries of ``values[i]`` strictly above ``thresholds[i, j]`` (0 for a -inf pad).
+
+    Narrow rows: one broadcast comparison. Long rows and a few thresholds: a 1-D comparison pass per
+    threshold (numpy counts a 1-D mask ~4 times faster than along an axis: ~0.2 ns an entry); many
+    thresholds: each row sorted once (~10 ns an entry) and the thresholds located in it."""
+    if thresholds.shape[1] * values.shape[1] <= 4096:
+        return np.where(thresholds > -np.inf, (values[:, None, :] > thresholds[:, :, None]).sum(2), 0)
+    counts = np.zeros(thresholds.shape, np.int64)
+    few = thresholds.shape[1] <= COUNT_PASSES
+    for i, (row, limits) in enumerate(zip(values if few else np.sort(values, axis=1), thresholds)):
+        used = np.flatnonzero(limits > -np.inf)
+        if few:
+            counts[i, used] = [np.count_nonzero(row > t) for t in limits[used]]
+        else:
+            counts[i, used] = len(row) - np.searchsorted(row, limits[used], side="right")
+    return counts
 
 
 def replicate_average_precision(meta: pd.DataFrame, x: np.ndarray) -> pd.DataFrame:
