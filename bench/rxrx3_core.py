@@ -10,6 +10,14 @@ records wall time and the peak RSS of that process (``getrusage`` of a wrapper's
     python bench/rxrx3_core.py --out /tmp/rxrx3-bench                  # full scale, benchmark + map
     python bench/rxrx3_core.py --out /tmp/rxrx3-bench --scale 0.1      # a tenth of the wells
     python bench/rxrx3_core.py --out /tmp/rxrx3-bench --skip-map       # the benchmark only
+    python bench/rxrx3_core.py --out /tmp/rxrx3-bench --skip-benchmark --skip-map --replicate-map
+                                                                       # replicate mAP only, full scale
+
+``--replicate-map`` measures the replicate mAP alone, as ``rcic map`` computes it, through the Python
+API: ``rcic.rxrx3.mapping.read_rxrx3_embeddings`` then ``rcic.profiles.metrics.replicate_map`` (copairs'
+p-values over 1,000 permutations); ``rcic map`` adds the batch leakage (every well's 10 nearest
+neighbours: a matmul over all 222,601^2 pairs) and its report. Each measured process gets an empty
+copairs null cache (``XDG_CACHE_HOME``), so the null distributions are computed, not read back.
 
 Results go to ``OUT/results.json`` and are printed as a Markdown table.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,7 +101,11 @@ def make_metadata(scale: float, rng: np.random.Generator) -> pd.DataFrame:
     combos = [combo for k, combo in enumerate(combos) if k not in drop]
     picks = np.arange(compound_wells) % len(combos)
     names = [f"CPD{c:04d}" for c, _ in (combos[k] for k in picks)]
-    add([f"compound-{k % COMPOUND_EXPERIMENTS + 1:03d}" for k in range(compound_wells)], [""] * compound_wells, names,
+    # the j-th well of a (compound, concentration) goes to experiment (combination + j) mod 4: its replicates
+    # sit in several compound experiments at every scale (k mod 4 put them all in one where 4 divides
+    # the combinations), so replicate mAP has positives to score
+    experiment = (picks + np.arange(compound_wells) // len(combos)) % COMPOUND_EXPERIMENTS
+    add([f"compound-{e + 1:03d}" for e in experiment], [""] * compound_wells, names,
         [combos[k][1] for k in picks], "COMPOUND")
     empty = round(controls * EMPTY_COMPOUND / (EMPTY_COMPOUND + CRISPR_CONTROL))
     kinds = ["EMPTY_control"] * empty + ["CRISPR_control"] * (controls - empty)
@@ -121,9 +134,24 @@ def make_embeddings(meta: pd.DataFrame, dims: int, rng: np.random.Generator) -> 
     return frame.sort_values("well_id").reset_index(drop=True)
 
 
-def measure(command: list[str], threads: int) -> dict:
+def replicate_map_worker(metadata: Path, embeddings: Path, out: Path) -> None:
+    """What ``--replicate-map`` runs in its own process: the wells ``rcic map`` reads, their replicate mAP."""
+    from rcic.profiles.metrics import map_from_average_precision, replicate_average_precision
+    from rcic.rxrx3.mapping import read_rxrx3_embeddings
+
+    meta, x = read_rxrx3_embeddings(embeddings, metadata)
+    ap = replicate_average_precision(meta, x)
+    mean_ap, fraction, per_label = map_from_average_precision(ap)
+    out.write_text(json.dumps({"replicate_map": mean_ap, "replicate_fraction": fraction, "query_wells": len(ap),
+                               "labels": len(per_label), "labelled_wells": int(((meta["well_type"] == "treatment")
+                                                                               & (meta["label"] != "")).sum()),
+                               "null_configurations": len(ap[["n_pos_pairs", "n_total_pairs"]].drop_duplicates())}))
+
+
+def measure(command: list[str], threads: int, cache: Path) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)  # copairs' null distributions are computed, not read back
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "OPENBLAS_NUM_THREADS": str(threads), "COLUMNS": "200"}
+           "OPENBLAS_NUM_THREADS": str(threads), "COLUMNS": "200", "XDG_CACHE_HOME": str(cache)}
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *command], capture_output=True, text=True, env=env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("__bench__")][-1].split()
     code, seconds, peak_kb, cpu = int(line[1]), float(line[2]), int(line[3]), float(line[4])
@@ -139,9 +167,15 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real wells, genes and compounds")
     parser.add_argument("--dims", type=int, default=DIMS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-map", action="store_true", help="only the benchmark")
+    parser.add_argument("--skip-map", action="store_true", help="no rcic map")
+    parser.add_argument("--skip-benchmark", action="store_true", help="no rcic benchmark rxrx3-core")
+    parser.add_argument("--replicate-map", action="store_true", help="also the replicate mAP alone (Python API)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=3, type=Path, help=argparse.SUPPRESS)  # metadata embeddings out.json
     args = parser.parse_args()
+    if args.worker:
+        replicate_map_worker(*args.worker)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     metadata, embeddings = args.out / "metadata_rxrx3_core.csv", args.out / "embeddings.parquet"
@@ -153,26 +187,34 @@ def main() -> None:
     rcic = [sys.executable, "-m", "rcic.cli"]
     results = {"scale": args.scale, "wells": len(meta), "dims": args.dims, "threads": args.threads,
                "data_seconds": round(made, 1)}
-    bench_out = args.out / "benchmark"
-    results["benchmark"] = measure([*rcic, "benchmark", "rxrx3-core", "--metadata", str(metadata), "--embeddings",
-                                    str(embeddings), "--out", str(bench_out)], args.threads)
-    scores = json.loads((bench_out / "scores.json").read_text())
-    results["map_entities"] = scores["dataset"]["map_entities"]
-    results["null_pairs"] = scores["dataset"]["null_pairs"]
-    results["query_pairs"] = {s: v["query_distribution_size"]
-                              for s, v in scores["corrections"]["pca-centerscale"]["recall"].items()}
+    cache = args.out / "cache"
+    if not args.skip_benchmark:
+        bench_out = args.out / "benchmark"
+        results["benchmark"] = measure([*rcic, "benchmark", "rxrx3-core", "--metadata", str(metadata),
+                                        "--embeddings", str(embeddings), "--out", str(bench_out)], args.threads, cache)
+        scores = json.loads((bench_out / "scores.json").read_text())
+        results["map_entities"] = scores["dataset"]["map_entities"]
+        results["null_pairs"] = scores["dataset"]["null_pairs"]
+        results["query_pairs"] = {s: v["query_distribution_size"]
+                                  for s, v in scores["corrections"]["pca-centerscale"]["recall"].items()}
     if not args.skip_map:
         results["map"] = measure([*rcic, "map", str(embeddings), "--metadata", str(metadata), "--out",
-                                  str(args.out / "map"), "--correct", "none", "--no-probe"], args.threads)
+                                  str(args.out / "map"), "--correct", "none", "--no-probe"], args.threads, cache)
+        results["map"]["replicate_map"] = json.loads((args.out / "map" / "scores.json").read_text())["none"][
+            "replicate_map"]
+    if args.replicate_map:
+        answer = args.out / "replicate_map.json"
+        results["replicate_map"] = measure([sys.executable, __file__, "--out", str(args.out), "--worker",
+                                            str(metadata), str(embeddings), str(answer)], args.threads, cache)
+        results["replicate_map"].update(json.loads(answer.read_text()))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print("\n| command | wells | map entities | null pairs | wall (s) | CPU (s) | peak RSS (GB) |\n"
-          "|---|---|---|---|---|---|---|")
-    for name in ("benchmark", "map"):
+    print("\n| command | wells | wall (s) | CPU (s) | peak RSS (GB) |\n|---|---|---|---|---|")
+    for name, what in (("benchmark", "rcic benchmark rxrx3-core"), ("map", "rcic map --correct none --no-probe"),
+                       ("replicate_map", "replicate mAP (read_rxrx3_embeddings + replicate_map)")):
         if name in results:
             r = results[name]
-            print(f"| rcic {name} | {results['wells']:,} | {results['map_entities']:,} | {results['null_pairs']:,} | "
-                  f"{r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_gb']} |")
+            print(f"| {what} | {results['wells']:,} | {r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_gb']} |")
 
 
 if __name__ == "__main__":
