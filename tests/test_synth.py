@@ -48,13 +48,40 @@ def test_structure_matches_real_rxrx1(tiny_data):
 
 
 def test_images_have_batch_effects_and_class_signal(tiny_data):
-    ds = read_dataset(tiny_data)
-    img = load_site(tiny_data, "HEPG2-01_1_B02", 1)
-    assert img.shape == (6, 32, 32) and img.dtype == np.uint8 and 3 < img.mean() < 120
-    means = {e: np.mean([load_site(tiny_data, f"{e}_{p}_B02", 1).mean(axis=(1, 2)) for p in range(1, 5)], axis=0)
-             for e in ds.wells.query("split == 'train'").experiment.unique()}
-    spread = np.std(list(means.values()), axis=0) / np.mean(list(means.values()), axis=0)
-    assert spread.max() > 0.1  # experiments differ in per-channel intensity (batch effect)
+    from rcic.synth.generator import (
+        NO_PLATE_EFFECT,
+        _camera,
+        design_plates,
+        experiment_effects,
+        plate_effects,
+        render_site,
+    )
+    from rcic.synth.intensity import QUANTILES, grey_levels
+
+    config = preset("tiny")  # what tiny_data was made with
+    wells = design_plates(config)[0].set_index(["experiment", "plate", "well"])
+    for id_code, site in (("HEPG2-01_1_B02", 1), ("HUVEC-02_3_B02", 2)):
+        # the files hold, channel by channel, the rendering of the well's class under its experiment's and
+        # its plate's effects, from the site's own seed
+        experiment, plate, well = id_code.rsplit("_", 2)
+        rng = np.random.default_rng([config.seed, 4, *id_code.encode(), site])
+        expected = render_site(config, experiment.split("-")[0], int(wells.loc[(experiment, int(plate), well), "cls"]),
+                               experiment_effects(config, experiment), rng, plate_effects(config, experiment,
+                                                                                          int(plate)))
+        img = load_site(tiny_data, id_code, site)
+        assert img.shape == (6, 32, 32) and img.dtype == np.uint8
+        np.testing.assert_array_equal(img, expected)
+    # the batch effect by hand: without noise, grey level g of channel c becomes g x gain_c + offset_c x the
+    # channel's background (its 5% grey level), per experiment; experiments draw different gains and offsets
+    levels = grey_levels("HEPG2")
+    effects = [experiment_effects(config, e) | {"noise": 0.0} for e in ("HEPG2-01", "HEPG2-02")]
+    for batch in effects:
+        out = _camera(np.full((6, 2, 2), 40, np.float32), levels, batch, NO_PLATE_EFFECT, np.random.default_rng(0))
+        background = levels[:, list(QUANTILES).index(0.05)]
+        assert out[:, 0, 0].tolist() == np.clip(np.rint(40 * batch["gain"] + batch["offset"] * background), 0,
+                                                255).tolist()
+    assert not np.allclose(effects[0]["gain"], effects[1]["gain"])
+    assert not np.allclose(effects[0]["offset"], effects[1]["offset"])
 
 
 def test_same_seed_same_bytes_any_workers(tmp_path):
