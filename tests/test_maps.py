@@ -295,12 +295,13 @@ def test_split_val_on_a_fold_all_run_is_one_line(tiny_run, tmp_path, tiny_store)
 @pytest.mark.slow
 def test_panel_metrics_equal_scib_metrics_on_the_same_input():
     """Our exact neighbours are scikit-learn's; every score of a cell type is scib-metrics' own
-    function on that input, and the per-siRNA pieces the bootstrap resamples average back to it."""
+    function on that input (the silhouettes' subsample being every well, Leiden searching our
+    resolutions), and the per-siRNA pieces the bootstrap resamples average back to it."""
     import scib_metrics
     from scib_metrics.nearest_neighbors import NeighborsResults
     from sklearn.neighbors import NearestNeighbors
 
-    from rcic.profiles.panel import _scores, neighbours, scib_parts
+    from rcic.profiles.panel import LEIDEN_RESOLUTIONS, _scores, neighbours, scib_parts, stratified_subsample
 
     meta, x = _plates(n_experiments=3, treatments=10, negatives=6, dims=6, batch=1.0)
     labels, batches = meta["label"].to_numpy(), meta["experiment"].to_numpy()
@@ -310,9 +311,10 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
     assert (np.sort(ours.indices, 1) == np.sort(indices, 1)).all()
     # scib-metrics on our neighbours (the same input: float32 distances move Leiden's graph otherwise)
     nn = NeighborsResults(indices=ours.indices, distances=ours.distances)
-    parts = scib_parts(x, labels, batches)
+    parts = scib_parts(x, labels, batches, max_wells=len(x))
     values = _scores([parts], [pd.Series(dtype=float)])
-    leiden = scib_metrics.nmi_ari_cluster_labels_leiden(nn, labels)
+    leiden = max((scib_metrics.nmi_ari_cluster_labels_leiden(nn, labels, optimize_resolution=False, resolution=r)
+                  for r in LEIDEN_RESOLUTIONS), key=lambda scores: scores["nmi"])
     expected = {"graph connectivity": scib_metrics.graph_connectivity(nn, labels),
                 "Leiden NMI": leiden["nmi"], "Leiden ARI": leiden["ari"],
                 "isolated labels": scib_metrics.isolated_labels(x, labels, batches),
@@ -327,6 +329,31 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
     again = _scores([parts], [pd.Series(dtype=float)], counts=once)
     for metric in expected:
         assert again[metric] == pytest.approx(values[metric], abs=1e-6), metric  # float32 sums
+    # below the cap: silhouette label is scib-metrics' on the subsample, the other metrics unchanged
+    rows = stratified_subsample(labels, batches, 40)
+    sampled = _scores([scib_parts(x, labels, batches, max_wells=40)], [pd.Series(dtype=float)])
+    assert sampled["silhouette label"] == pytest.approx(float(scib_metrics.silhouette_label(x[rows], labels[rows])),
+                                                        abs=1e-5)
+    for metric in ("kBET", "iLISI", "cLISI", "graph connectivity", "Leiden NMI", "silhouette batch"):
+        assert sampled[metric] == values[metric], metric
+
+
+def test_silhouette_subsample_keeps_every_sirna_across_experiments():
+    """Each siRNA keeps its share of the wells (two at least), one per experiment before any
+    experiment gives a second; the same seed draws the same wells; under the cap, every well."""
+    from rcic.profiles.panel import stratified_subsample
+
+    # siRNA a: 12 wells, 4 in each of 3 experiments; b: 3 wells in 3 experiments; c: 1 well
+    labels = np.array(["a"] * 12 + ["b"] * 3 + ["c"])
+    batches = np.array(["E1", "E2", "E3"] * 4 + ["E1", "E2", "E3"] + ["E1"])
+    rows = stratified_subsample(labels, batches, max_wells=8, seed=3)  # half the 16 wells
+    picked = pd.DataFrame({"label": labels[rows], "batch": batches[rows]})
+    assert picked["label"].value_counts().to_dict() == {"a": 6, "b": 2, "c": 1}  # round(12/2), max(2, 1.5), all
+    assert picked[picked.label == "a"]["batch"].value_counts().to_dict() == {"E1": 2, "E2": 2, "E3": 2}
+    assert picked[picked.label == "b"]["batch"].nunique() == 2
+    assert (stratified_subsample(labels, batches, 8, seed=3) == rows).all() and (np.diff(rows) > 0).all()
+    assert not (stratified_subsample(labels, batches, 8, seed=4) == rows).all()
+    assert (stratified_subsample(labels, batches, 16) == np.arange(16)).all()
 
 
 def test_replicate_map_against_negative_controls_by_hand():

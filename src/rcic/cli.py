@@ -655,16 +655,20 @@ def map_(
         if panel:
             from rcic.profiles.panel import correction_panel
 
-            panel_table = correction_panel(meta, x, methods, controls, gene_table, null_size=null_size,
-                                           bootstrap=bootstrap, source=embeddings, progress=update).table
+            panel_result = correction_panel(meta, x, methods, controls, gene_table, null_size=null_size,
+                                            bootstrap=bootstrap, source=embeddings, progress=update)
+            panel_table = panel_result.table
         result = phenomic_map(meta, x, methods, gene_table, pairs, null_size=null_size, probe=probe,
-                              source=embeddings, progress=update, controls=controls)
+                              source=embeddings, progress=update, controls=controls,
+                              corrected=panel_result.corrected if panel else None)
     write_map_report(out, meta, result.scores, result.corrected, str(embeddings), panel=panel_table,
                      controls=controls)
     atomic_write_text(out / "scores.json", json.dumps(result.scores, indent=2))
     if panel_table is not None:
         atomic_write_text(out / "panel.csv", panel_table.to_csv(index=False))
     if as_json:
+        if panel_table is not None:
+            err_console.print(panel_result.note, markup=False, highlight=False, soft_wrap=True)
         print(json.dumps({m: {k: s[k] for k in ("replicate_map", "replicate_fraction", "batch_leakage",
                                                 "known_recall", "known_recall_ci", "probe_acc")}
                           for m, s in result.scores.items()}
@@ -676,6 +680,7 @@ def map_(
     if panel_table is not None:
         _table("Correction panel (overall = 0.4 x batch + 0.6 x bio, Arevalo et al. 2024)",
                panel_display(panel_table))
+        console.print(panel_result.note, markup=False, highlight=False, soft_wrap=True)
         console.print(f"panel: {out / 'panel.csv'}")
     console.print(f"report: [bold]{out / 'map.html'}[/]")
 

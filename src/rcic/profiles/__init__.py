@@ -85,9 +85,9 @@ def read_gene_tables(genes: str | Path, relationships: str | Path, meta: pd.Data
 def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: pd.DataFrame | None = None,
                  relationships: pd.DataFrame | None = None, null_size: int = NULL_SIZE, probe: bool = True,
                  source=None, progress: Callable[[int, int], None] | None = None,
-                 controls: str = DEFAULT_CONTROLS) -> MapResult:
+                 controls: str = DEFAULT_CONTROLS, corrected: dict[str, np.ndarray] | None = None) -> MapResult:
     """Correct the embeddings with each method (control-based ones on ``controls``) and score them
-    (see ``rcic.profiles.metrics``)."""
+    (see ``rcic.profiles.metrics``); ``corrected``: outputs already computed on these wells (the panel's)."""
     for method in methods:
         if method not in METHODS:
             raise DataError(f"unknown correction {method!r}; choose from {', '.join(METHODS)}")
@@ -102,7 +102,7 @@ def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: p
 
     for method in dict.fromkeys(methods):
         start = time.perf_counter()
-        z = correct(meta, x, method, source, controls)
+        z = corrected[method] if corrected and method in corrected else correct(meta, x, method, source, controls)
         tick()
         similarity = similarity_scores(meta, z)
         tick()

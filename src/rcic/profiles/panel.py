@@ -23,6 +23,21 @@ Rank: by overall score; its interval is the 2.5-97.5% range over ``bootstrap`` r
 siRNAs, recomputing the metrics that decompose over siRNAs (replicate mAP, silhouette batch, kBET,
 silhouette label, iLISI, cLISI); graph connectivity, Leiden NMI/ARI, isolated labels and
 consistency mAP keep their full-data values in every resample.
+
+Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are usually run:
+
+- one exact k-nearest-neighbour graph per correction and cell type, shared by every kNN metric
+  (graph connectivity, kBET, iLISI, cLISI, Leiden: scib-metrics takes precomputed neighbours);
+- silhouette label and isolated labels (scib-metrics' silhouette over every pair of wells) on a
+  stratified subsample of at most ``SILHOUETTE_WELLS`` wells per cell type: each siRNA keeps its
+  share of wells (two at least), spread over as many experiments as it can, drawn with a fixed
+  seed. The isolated labels are chosen on all wells. A cell type at or under the cap is scored
+  whole (then both equal scib-metrics' full values). Silhouette batch is computed within each
+  siRNA, so its cost is the sum of the squared siRNA sizes: it is computed on every well;
+- Leiden at the fixed resolutions ``LEIDEN_RESOLUTIONS`` (scib-metrics searches ten, 0.2-2.0),
+  the best NMI and its ARI as scib-metrics picks them, with scib-metrics' fixed seed.
+
+Every number is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ BIO_METRICS = ("replicate mAP", "consistency mAP", "Leiden NMI", "Leiden ARI", "
                "isolated labels")
 N_NEIGHBOURS = 90  # scib-metrics' Benchmarker default
 BATCH_WEIGHT = 0.4  # scIB's and Arevalo et al.'s weighting
+# the silhouette's cost grows with the square of a cell type's wells (x 2: silhouette label, isolated labels)
+SILHOUETTE_WELLS = 5000
+LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)  # a subset of scib-metrics' search grid (0.2, 0.4, ..., 2.0)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +68,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class PanelResult:
     table: pd.DataFrame  # one row per method: metrics, batch, bio, overall, rank, rank interval
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # "method: step" -> seconds
+    corrected: dict[str, np.ndarray] = field(default_factory=dict)  # method -> its output (rcic map reuses it)
+    note: str = ""  # how the panel was computed at this size (subsample, resolutions), one line
 
 
 def _need_scib():
@@ -93,40 +113,97 @@ class _Parts:
     lisi: dict[str, tuple[pd.Series, int]]  # iLISI/cLISI -> (per-well LISI indexed by siRNA, count for scaling)
 
 
-def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> _Parts:
-    """scib-metrics' scores of one cell type's labelled wells, with their per-siRNA decomposition."""
+def stratified_subsample(labels: np.ndarray, batches: np.ndarray, max_wells: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of at most ~``max_wells`` wells: each label keeps its share of the wells
+    (``round(n_label x max_wells / n)``, two at least: a silhouette needs a neighbour of its own label),
+    taken round-robin over its batches in a random order, so that it spans as many batches as it can.
+    Every row when there are ``max_wells`` or fewer. Deterministic for a seed."""
+    n = len(labels)
+    if n <= max_wells:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"label": labels, "batch": batches, "key": rng.random(n)})
+    frame["turn"] = frame.groupby(["label", "batch"])["key"].rank(method="first")  # the well's round
+    frame = frame.sort_values(["label", "turn", "key"], kind="stable")
+    size = frame.groupby("label")["label"].transform("size").to_numpy()
+    share = np.minimum(size, np.maximum(2, np.round(size * max_wells / n)))
+    keep = frame.groupby("label").cumcount().to_numpy() < share
+    return np.sort(frame.index.to_numpy()[keep])
+
+
+def leiden_nmi_ari(nn, labels: np.ndarray, resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS
+                   ) -> tuple[float, float]:
+    """scib-metrics' Leiden NMI/ARI with its resolution search on ``resolutions``: the best NMI, and the
+    ARI at that resolution (scib-metrics' ``nmi_ari_cluster_labels_leiden`` over its own grid)."""
+    import scib_metrics
+
+    out = [scib_metrics.nmi_ari_cluster_labels_leiden(nn, labels, optimize_resolution=False, resolution=r)
+           for r in resolutions]
+    best = int(np.argmax([o["nmi"] for o in out]))  # first of the ties, as scib-metrics' argmax
+    return float(out[best]["nmi"]), float(out[best]["ari"])
+
+
+def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, max_wells: int = SILHOUETTE_WELLS,
+               resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS, seed: int = 0,
+               seconds: dict[str, float] | None = None) -> _Parts:
+    """scib-metrics' scores of one cell type's labelled wells, with their per-siRNA decomposition
+    (module docstring: one neighbour graph, silhouettes on a subsample of ``max_wells``)."""
     scib = _need_scib()
+    from scib_metrics.metrics._isolated_labels import _get_isolated_labels
     from scib_metrics.utils import silhouette_samples
 
+    seconds = {} if seconds is None else seconds
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        seconds[step] = seconds.get(step, 0.0) + now - clock[0]
+        clock[0] = now
+
+    # scib-metrics compares labels with == in per-label loops: integer codes do it ~100x faster than
+    # strings, and every metric depends on the labels only through equality
+    names, codes = np.unique(labels, return_inverse=True)
+    _, batch_codes = np.unique(batches, return_inverse=True)
     nn = neighbours(x)
-    n_batches, n_labels = len(np.unique(batches)), len(np.unique(labels))
+    lap("neighbours")
+    n_batches, n_labels = len(np.unique(batches)), len(names)
     fixed: dict[str, float | None] = {}
     per_label: dict[str, pd.Series] = {}
-    fixed["graph connectivity"] = float(scib.graph_connectivity(nn, labels))
-    leiden = scib.nmi_ari_cluster_labels_leiden(nn, labels, optimize_resolution=True, n_jobs=1)
-    fixed["Leiden NMI"], fixed["Leiden ARI"] = float(leiden["nmi"]), float(leiden["ari"])
-    fixed["isolated labels"] = float(scib.isolated_labels(x, labels, batches))
-    _, kbet = scib.kbet_per_label(nn, batches, labels, return_df=True)
-    per_label["kBET"] = kbet.set_index("cluster")["kBET"].astype(float).dropna()  # scib's nanmean skips them
-    sil = (np.asarray(silhouette_samples(x, labels)) + 1) / 2  # scib's silhouette_label, per well
-    per_label["silhouette label"] = pd.Series(sil, index=labels)  # per well: scib averages over wells
-    per_label["silhouette batch"] = _silhouette_batch_per_label(x, labels, batches)
-    lisi = {"iLISI": (pd.Series(np.asarray(scib.lisi_knn(nn, batches)), index=labels), n_batches),
-            "cLISI": (pd.Series(np.asarray(scib.lisi_knn(nn, labels)), index=labels), n_labels)}
+    fixed["graph connectivity"] = float(scib.graph_connectivity(nn, codes))
+    lap("graph connectivity")
+    _, kbet = scib.kbet_per_label(nn, batch_codes, codes, return_df=True)
+    kbet = kbet.set_index("cluster")["kBET"].astype(float).dropna()  # scib's nanmean skips them
+    per_label["kBET"] = pd.Series(kbet.to_numpy(), index=names[kbet.index.to_numpy(int)])
+    lap("kBET")
+    fixed["Leiden NMI"], fixed["Leiden ARI"] = leiden_nmi_ari(nn, codes, resolutions)
+    lap("Leiden")
+    lisi = {"iLISI": (pd.Series(np.asarray(scib.lisi_knn(nn, batch_codes)), index=labels), n_batches),
+            "cLISI": (pd.Series(np.asarray(scib.lisi_knn(nn, codes)), index=labels), n_labels)}
+    lap("LISI")
+    # one silhouette for silhouette label and isolated labels (scib-metrics computes it in each)
+    rows = stratified_subsample(codes, batch_codes, max_wells, seed)
+    sil = (np.asarray(silhouette_samples(x[rows], codes[rows])) + 1) / 2  # scib's rescaling
+    per_label["silhouette label"] = pd.Series(sil, index=labels[rows])  # per well: scib averages over wells
+    isolated = _get_isolated_labels(codes, batch_codes, None)  # on every well, as scib-metrics' isolated_labels
+    fixed["isolated labels"] = float(pd.Series([sil[codes[rows] == code].mean() for code in isolated],
+                                               dtype=float).mean())
+    lap("silhouette label, isolated labels")
+    per_label["silhouette batch"] = _silhouette_batch_per_label(x, codes, batch_codes, names)
+    lap("silhouette batch")
     return _Parts(len(x), fixed, per_label, lisi)
 
 
-def _silhouette_batch_per_label(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> pd.Series:
-    """scib-metrics' ``silhouette_batch`` of each label alone (its value is the mean of these)."""
+def _silhouette_batch_per_label(x: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, names: np.ndarray
+                                ) -> pd.Series:
+    """scib-metrics' ``silhouette_batch`` of each label alone (its value is the mean of these), by label name."""
     import scib_metrics
 
     values = {}
-    for label in np.unique(labels):
-        rows = labels == label
-        n_batches = len(np.unique(batches[rows]))
-        if n_batches == 1 or n_batches == rows.sum():
+    for code, rows in pd.Series(np.arange(len(codes))).groupby(codes).indices.items():
+        n_batches = len(np.unique(batch_codes[rows]))
+        if n_batches == 1 or n_batches == len(rows):  # scib-metrics skips these labels
             continue
-        values[label] = float(scib_metrics.silhouette_batch(x[rows], labels[rows], batches[rows]))
+        values[names[code]] = float(scib_metrics.silhouette_batch(x[rows], codes[rows], batch_codes[rows]))
     return pd.Series(values, dtype=float)
 
 
@@ -136,6 +213,21 @@ def _lisi_score(metric: str, median: float, count: int) -> float:
     if count < 2:
         return float("nan")
     return (median - 1) / (count - 1) if metric == "iLISI" else (count - median) / (count - 1)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """copairs' cosine similarity for rows already of unit length (``_unit_rows``): their dot product.
+    copairs stores similarities as float32, so float32 unit rows give its ``cosine`` to float32
+    rounding at a third of the memory traffic of its pair loop (which gathers two rows per pair:
+    two million pairs for HUVEC's replicate mAP). copairs batches and threads it as its own."""
+    return np.einsum("ij,ij->i", a, b)
 
 
 def replicate_map_negcon(meta: pd.DataFrame, x: np.ndarray, null_size: int = 1000) -> pd.Series:
@@ -152,8 +244,8 @@ def replicate_map_negcon(meta: pd.DataFrame, x: np.ndarray, null_size: int = 100
     if not negcon.any() or negcon.all():
         return pd.Series(dtype=float)
     sub.loc[negcon, "label"] = [f"negcon-{i}" for i in range(int(negcon.sum()))]
-    ap = average_precision(sub, np.asarray(x[rows.to_numpy()], np.float64), pos_sameby=["label"],
-                           pos_diffby=["experiment"], neg_sameby=[], neg_diffby=["well_type", "label"],
+    ap = average_precision(sub, _unit_rows(x[rows.to_numpy()]), pos_sameby=["label"], pos_diffby=["experiment"],
+                           neg_sameby=[], neg_diffby=["well_type", "label"], distance=_dot,
                            progress_bar=False)
     ap = ap[(ap["well_type"] == "treatment")].dropna(subset=["average_precision"])
     if ap.empty:
@@ -180,8 +272,9 @@ def consistency_map(meta: pd.DataFrame, x: np.ndarray, genes: pd.DataFrame | Non
     sub = pd.DataFrame({"label": profiles.index, "gene": gene_of.loc[profiles.index].to_numpy()})
     if not sub["gene"].duplicated().any():
         return None
-    ap = average_precision(sub, profiles.to_numpy(np.float64), pos_sameby=["gene"], pos_diffby=["label"],
-                           neg_sameby=[], neg_diffby=["gene"], progress_bar=False).dropna(subset=["average_precision"])
+    ap = average_precision(sub, _unit_rows(profiles.to_numpy()), pos_sameby=["gene"], pos_diffby=["label"],
+                           neg_sameby=[], neg_diffby=["gene"], distance=_dot,
+                           progress_bar=False).dropna(subset=["average_precision"])
     if ap.empty:
         return None
     per_gene = mean_average_precision(ap, sameby=["gene"], null_size=null_size, threshold=0.05, seed=0,
@@ -251,48 +344,71 @@ def aggregate(values: dict[str, float]) -> tuple[float, float, float]:
 def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tuple[str, ...] = PANEL_METHODS,
                      controls: str = "within", genes: pd.DataFrame | None = None, null_size: int = 1000,
                      bootstrap: int = 200, seed: int = 0, source=None,
-                     progress: Callable[[int, int], None] | None = None) -> PanelResult:
+                     progress: Callable[[int, int], None] | None = None, max_wells: int = SILHOUETTE_WELLS,
+                     resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS) -> PanelResult:
     """Correct with each method and score every output on the panel's metrics (module docstring)."""
     _need_scib()
     labelled = (meta["label"] != "").to_numpy()
     cell_types = sorted(meta.loc[labelled, "cell_type"].unique())
     parts_by_method: dict[str, tuple[list[_Parts], list[pd.Series]]] = {}
     seconds: dict[str, float] = {}
+    corrected: dict[str, np.ndarray] = {}
+    sampled: dict[str, tuple[int, int]] = {}  # cell type -> (wells in the silhouettes, labelled wells)
     steps = len(methods) * (1 + len(cell_types))
     done = 0
     for method in methods:
         start = time.perf_counter()
         z = correct(meta, x, method, source, controls)
+        corrected[method] = z
+        seconds[f"{method}: correction"] = time.perf_counter() - start
         done += 1
         if progress:
             progress(done, steps)
         parts, maps = [], []
+        steps_seconds: dict[str, float] = {}
         for cell_type in cell_types:
             rows = labelled & (meta["cell_type"] == cell_type).to_numpy()
             sub = meta[rows].reset_index(drop=True)
             if sub["experiment"].nunique() < 2:
                 continue
-            part = scib_parts(z[rows], sub["label"].to_numpy(), sub["experiment"].to_numpy())
+            labels, batches = sub["label"].to_numpy(), sub["experiment"].to_numpy()
+            part = scib_parts(z[rows], labels, batches, max_wells, resolutions, seed, steps_seconds)
+            sampled[cell_type] = (min(len(sub), len(stratified_subsample(labels, batches, max_wells, seed))), len(sub))
+            t = time.perf_counter()
             part.fixed["consistency mAP"] = consistency_map(sub, z[rows], genes, null_size)
-            parts.append(part)
+            steps_seconds["consistency mAP"] = steps_seconds.get("consistency mAP", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
             maps.append(replicate_map_negcon(sub, z[rows], null_size))
+            steps_seconds["replicate mAP"] = steps_seconds.get("replicate mAP", 0.0) + time.perf_counter() - t
+            parts.append(part)
             done += 1
             if progress:
                 progress(done, steps)
         if not parts:
             raise DataError("the panel needs a cell type with labelled wells in two experiments or more", source)
         parts_by_method[method] = (parts, maps)
-        seconds[method] = time.perf_counter() - start
+        seconds |= {f"{method}: {step}": value for step, value in steps_seconds.items()}
     rows = []
     for method, (parts, maps) in parts_by_method.items():
         values = _scores(parts, maps)
         rows.append({"correction": method, **values, **dict(zip(("batch", "bio", "overall"), aggregate(values)))})
     table = pd.DataFrame(rows)
     table["rank"] = table["overall"].rank(ascending=False, method="min").astype(int)
+    start = time.perf_counter()
     low, high = _bootstrap_ranks(parts_by_method, meta.loc[labelled & (meta["well_type"] == "treatment").to_numpy(),
                                                            "label"].unique(), bootstrap, seed)
+    seconds["bootstrap of the ranks"] = time.perf_counter() - start
     table["rank 95% low"], table["rank 95% high"] = low, high
-    return PanelResult(table, seconds)
+    return PanelResult(table, seconds, corrected, _note(sampled, resolutions, seed))
+
+
+def _note(sampled: dict[str, tuple[int, int]], resolutions: tuple[float, ...], seed: int) -> str:
+    """One line saying which scores come from a subsample, and Leiden's resolutions."""
+    cut = {cell_type: counts for cell_type, counts in sampled.items() if counts[0] < counts[1]}
+    where = ("silhouette label and isolated labels on every labelled well" if not cut else
+             "silhouette label and isolated labels on a stratified subsample (seed " + str(seed) + ") of "
+             + ", ".join(f"{used:,} of {total:,} {cell_type} wells" for cell_type, (used, total) in cut.items()))
+    return f"panel: {where}; Leiden at resolutions {', '.join(f'{r:g}' for r in resolutions)}"
 
 
 def _bootstrap_ranks(parts_by_method: dict, sirnas: np.ndarray, bootstrap: int, seed: int
