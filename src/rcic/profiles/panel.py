@@ -29,7 +29,7 @@ Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are
 - one exact k-nearest-neighbour graph per correction and cell type, shared by every kNN metric
   (graph connectivity, kBET, iLISI, cLISI, Leiden: scib-metrics takes precomputed neighbours);
 - silhouette label and isolated labels (scib-metrics' silhouette over every pair of wells) on a
-  stratified subsample of at most ``SILHOUETTE_WELLS`` wells per cell type: each siRNA keeps its
+  stratified subsample of about ``SILHOUETTE_WELLS`` wells per cell type: each siRNA keeps its
   share of wells (two at least), spread over as many experiments as it can, drawn with a fixed
   seed. The isolated labels are chosen on all wells. A cell type at or under the cap is scored
   whole (then both equal scib-metrics' full values). Silhouette batch is computed within each
