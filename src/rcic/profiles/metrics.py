@@ -5,8 +5,10 @@
   another label, same cell type), cosine similarity; ``replicate_fraction``: the share of siRNAs
   whose mAP is significant (copairs' permutation p-value, Benjamini-Hochberg corrected, < 0.05).
   The per-well average precisions are computed in blocks of a cell type's similarity matrix
-  (copairs' own pair enumeration needs ~N^2 pairs in memory: 7 GB for RxRx1); they equal copairs'
-  ``average_precision`` (tested), and copairs computes the mAP, p-values and FDR from them.
+  (copairs' own pair enumeration needs ~N^2 pairs in memory: 7 GB for RxRx1), for the wells with a
+  replicate in another experiment only, by counting the negatives above each positive; they equal
+  copairs' ``average_precision`` (tested, ties included), and copairs computes the mAP, p-values
+  and FDR from them.
 - ``batch_leakage``: the share of a well's 10 nearest neighbours (cosine, among the wells of its
   cell type) that come from its own experiment, beside the share expected without batch effects.
 - ``known_recall``: EFAAR's recall of known relationships: siRNA profiles averaged into gene
