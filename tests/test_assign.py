@@ -127,7 +127,7 @@ def test_score_wells_by_hand():
     classes, groups = parts[0][2], parts[0][3]
     truth = np.concatenate([p[4] for p in parts])
     wells["label"] = [classes[t] for t in truth]
-    result = score_wells(wells, log_probs, classes, groups)
+    result = score_wells(wells, log_probs, classes, groups, center="none")
     plain = log_probs.argmax(1) == truth
     choices = choose_rotations(wells, log_probs, classes, groups)
     leak = assign_plates(wells, log_probs, classes, groups, choices) == truth
@@ -143,6 +143,6 @@ def test_score_wells_by_hand():
     assert all(s["wells"] == 4 * 3 for s in result["experiments"].values())
     # no usable plate groups: no leak accuracy, the arg-max one unchanged
     for unusable in (None, PlateGroups(groups.groups[:3])):
-        other = score_wells(wells, log_probs, classes, unusable)
+        other = score_wells(wells, log_probs, classes, unusable, center="none")
         assert other["acc_leak"] is None and other["acc"] == result["acc"]
         assert all(s["acc_leak"] is None for s in other["per_cell_type"].values())

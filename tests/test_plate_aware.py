@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rcic.assign import assign_plates, choose_rotations, sinkhorn
+from rcic.assign import assign_plates, center_log_probs, choose_rotations, plate_lean, sinkhorn
 from rcic.config import load_recipe
 from rcic.data import RxRxDataModule
 from rcic.data.dataset import PHASE_ADAPT, PHASE_PREDICT, DomainBatchSampler, DomainEvalSampler, domain_codes
@@ -220,6 +220,34 @@ def test_plate_controls_on_a_plate_without_controls_exits_2(tiny_data, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_plate_lean_is_removed_and_a_plate_without_one_is_left_alone():
+    """A plate effect (every well of a plate leaning towards the same classes) is what centring removes;
+    on a plate without one almost nothing is removed, and the wells' own evidence decides."""
+    wells, logp, classes, groups, truth = _toy(n_per_group=8, signal=2.5, seed=11)
+    plates = wells["plate"].to_numpy()
+    rng = np.random.default_rng(3)
+    leaning = logp.copy()
+    for p in range(1, 5):
+        leaning[plates == p] += rng.normal(0, 4.0, len(classes))  # much stronger than the wells' evidence
+    own = (logp.argmax(1) == truth).mean()
+    assert (leaning.argmax(1) == truth).mean() < own / 2  # the lean hides the siRNAs
+    centered = center_log_probs(wells, leaning)
+    assert (centered.argmax(1) == truth).mean() >= own - 0.1  # and centring gives them back
+    # the lean, by hand: per-class means of row-centred rows, kept by 1 - (sampling variance / their variance)
+    rows = leaning[plates == 1] - leaning[plates == 1].mean(1, keepdims=True)
+    means = rows.mean(0)
+    keep = 1 - (rows.var(0).mean() / len(rows)) / means.var()
+    np.testing.assert_allclose(plate_lean(leaning[plates == 1]), keep * means, atol=1e-12)
+    assert 0.9 < keep < 1
+    # without a plate effect the means are mostly sampling noise: little is kept
+    quiet = plate_lean(logp[plates == 1])
+    assert np.abs(quiet).max() < 0.2 * np.abs(plate_lean(leaning[plates == 1])).max()
+    np.testing.assert_array_equal(center_log_probs(wells, leaning, "none"), leaning)
+    # a per-row constant changes nothing (an un-normalised log-softmax)
+    shifted = leaning + rng.normal(0, 5, (len(leaning), 1))
+    assert (center_log_probs(wells, shifted).argmax(1) == centered.argmax(1)).all()
+
+
 def test_unknown_balance_or_adabn_exits_2_with_one_line(tiny_data, tmp_path):
     logits = tmp_path / "x.npz"
     np.savez(logits, id_code=np.array(["a"]), logits=np.zeros((1, 1), np.float32), classes=np.array(["1"]))
@@ -228,6 +256,9 @@ def test_unknown_balance_or_adabn_exits_2_with_one_line(tiny_data, tmp_path):
         proc = run_cli(*command, "--balance", "hungarian", check=False)
         assert proc.returncode == 2 and proc.stderr.strip() == \
             "error: --balance must be one of none, sinkhorn, got 'hungarian'"
+    proc = run_cli("submit", "--data", tiny_data, "--logits", logits, "--out", tmp_path / "s.csv", "--center", "well",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --center must be one of plate, none, got 'well'"
     proc = run_cli("predict", tmp_path, "--data", tiny_data, "--out", tmp_path / "p.npz", "--adabn", "well",
                    check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == \

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rcic.assign import center_log_probs
 from rcic.errors import DataError
 from rcic.io import read_dataset
 from rcic.predict import Logits, average_logits, load_logits, save_logits
@@ -70,7 +71,7 @@ def test_submit_and_score(predictions, tiny_data, tmp_path):
     assert set(result["by_cell_type"]) == {"HEPG2", "HUVEC"} and len(result["by_experiment"]) == 2
     # ensemble of two logits files, arg-max: each well gets the treatment class of its mean logits
     run_cli("submit", "--data", tiny_data, "--logits", predictions / "test.npz", "--logits",
-            predictions / "test_last.npz", "--no-leak", "--out", tmp_path / "ens.csv")
+            predictions / "test_last.npz", "--no-leak", "--center", "none", "--out", tmp_path / "ens.csv")
     ensemble = pd.read_csv(tmp_path / "ens.csv", dtype=str)
     a, b = load_logits(predictions / "test.npz"), load_logits(predictions / "test_last.npz")
     mean = (pd.DataFrame(a.logits, index=a.id_code) + pd.DataFrame(b.logits, index=b.id_code)) / 2
@@ -226,12 +227,19 @@ def test_read_submission_csv_refuses_empty_or_repeated_files(tmp_path):
 def test_make_submission_labels_by_hand_and_its_refusals(plates, tmp_path):
     ids = plates.test_ids
     logits = _random_logits(plates, ids[::-1], seed=3)  # rows in another order than the submission's
-    plain = make_submission(plates, logits, leak=False)
+    plain = make_submission(plates, logits, leak=False, center="none")
     treatments = [i for i, c in enumerate(logits.classes) if c in set(plates.vocab.treatment_labels)]
     row = {k: i for i, k in enumerate(logits.id_code)}
     best = logits.logits[[row[i] for i in ids]][:, treatments].argmax(1)
     assert plain.frame.id_code.tolist() == ids
     assert plain.frame.sirna.tolist() == [logits.classes[treatments[k]] for k in best]
+    # by default each plate's lean is removed first (rcic.assign.center_log_probs, tested on its own)
+    x = logits.logits[[row[i] for i in ids]][:, treatments].astype(np.float64)
+    x -= x.max(1, keepdims=True)
+    centered = center_log_probs(plates.wells.set_index("id_code").loc[ids].reset_index(),
+                                x - np.log(np.exp(x).sum(1, keepdims=True)))
+    assert make_submission(plates, logits, leak=False).frame.sirna.tolist() == \
+        [logits.classes[treatments[k]] for k in centered.argmax(1)]
     leak = make_submission(plates, logits, leak=True)
     merged = leak.frame.merge(plates.wells, on="id_code")
     assert leak.frame.id_code.tolist() == ids and not merged.duplicated(["experiment", "plate", "sirna"]).any()

@@ -38,6 +38,9 @@ AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (t
                                                     "or experiment (statistics of each domain's own wells)")]
 Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
                                                         "assignment: none or sinkhorn")]
+Center = Annotated[str, typer.Option("--center", help="plate (default): predict from log-probabilities with each "
+                                                      "plate's mean per class removed (its plate effect's lean "
+                                                      "towards some classes); none: the model's own")]
 Devices = Annotated[str, typer.Option("--devices", help="Devices (GPUs, or CPU processes) for DDP")]
 Precision = Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
                                                             "precision")]
@@ -446,11 +449,12 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     adabn: AdaBN = "recipe",
     balance: Balance = "none",
+    center: Center = "plate",
 ) -> None:
     """Well-level accuracy (arg-max and plate leak), overall, per cell type and per experiment."""
     import pandas as pd
 
-    from rcic.assign import BALANCES
+    from rcic.assign import BALANCES, CENTERINGS
     from rcic.predict import predict as run_predict
     from rcic.store import open_source
     from rcic.submit import evaluate_logits
@@ -458,6 +462,8 @@ def evaluate(
 
     if balance not in BALANCES:
         raise RcicError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if center not in CENTERINGS:
+        raise RcicError(f"--center must be one of {', '.join(CENTERINGS)}, got {center!r}")
     _devices(devices)  # checked before a model is loaded
     _precision(precision)
     _quiet_lightning()
@@ -472,7 +478,7 @@ def evaluate(
                              adabn=adabn)
     if logits is None or is_child_rank():
         return
-    result = evaluate_logits(source.dataset, logits, balance)
+    result = evaluate_logits(source.dataset, logits, balance, center)
     if as_json:
         print(json.dumps(result))
         return
@@ -497,19 +503,22 @@ def submit(
     out: Annotated[Path, typer.Option(help="Submission CSV to write")],
     no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
     balance: Balance = "none",
+    center: Center = "plate",
 ) -> None:
     """Write id_code,sirna for every well: plate-leak assignment (default) or arg-max; validated first."""
 
-    from rcic.assign import BALANCES
+    from rcic.assign import BALANCES, CENTERINGS
     from rcic.predict import average_logits
     from rcic.store import open_source
     from rcic.submit import make_submission, write_submission
 
     if balance not in BALANCES:
         raise RcicError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if center not in CENTERINGS:
+        raise RcicError(f"--center must be one of {', '.join(CENTERINGS)}, got {center!r}")
     check_output(out, [data, *logits])
     dataset = open_source(data).dataset
-    result = make_submission(dataset, average_logits(logits), leak=not no_leak, balance=balance)
+    result = make_submission(dataset, average_logits(logits), leak=not no_leak, balance=balance, center=center)
     write_submission(out, result)
     _table("Experiments" + (" (plate leak)" if not no_leak else " (arg-max)"), result.experiments)
     for note in result.notes:

@@ -3,7 +3,8 @@
 Every plate carries one of 4 treatment groups (derived from the training labels, see
 ``rcic.io.metadata.derive_plate_groups``) and the groups rotate cyclically over plates 1-4.
 For each experiment we score every group order by the summed log-probability mass that its
-wells put on their plate's group, take the best cyclic rotation (reporting the margin to the
+wells put on their plate's group (after removing each plate's lean towards some classes, see
+``choose_rotations``), take the best cyclic rotation (reporting the margin to the
 runner-up as its confidence, and whether the best of all 24 permutations agrees), then solve
 one linear assignment per plate (``scipy.optimize.linear_sum_assignment``) so each treatment is
 used at most once per plate, maximising the summed log-probability; or, with ``balance="sinkhorn"``,
@@ -29,7 +30,7 @@ class RotationChoice:
     experiment: str
     order: tuple[int, ...]  # group on plates 1..4
     rotation: int | None  # cyclic shift, None for an order seen in train that is not a shift
-    score: float  # mean log-probability mass of a well on its plate's group
+    score: float  # mean (plate-centred) log-probability mass of a well on its plate's group
     margin: float  # score minus the runner-up's: the confidence of the choice
     permutations_agree: bool  # the best of all 24 permutations is this order
     wells: int
@@ -49,11 +50,61 @@ def treatment_log_probs(logits: np.ndarray, classes: list[str], treatments: set[
     return x, [classes[i] for i in keep]
 
 
-def choose_rotations(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str], groups: PlateGroups
-                     ) -> dict[str, RotationChoice]:
-    """The group order of every experiment in ``wells`` (columns experiment, plate)."""
+ROTATION_SCORES = ("plate_centered", "mass")
+CENTERINGS = ("plate", "none")
+
+
+def plate_lean(plate_log_probs: np.ndarray) -> np.ndarray:
+    """A plate's lean towards each class, as a per-class shift of its wells' log-probabilities.
+
+    A plate effect makes a model lean towards the same classes on every well of the plate. A plate
+    of RxRx1 holds each of its siRNAs once, so the lean is estimated by each class's mean over the
+    plate's wells, shrunk towards zero by the share of the means' spread that sampling noise alone
+    would give (James-Stein: ``1 - within / between``). Without a plate effect the shrinkage is ~1
+    and nothing is removed (subtracting noisy means would cost a weak model its evidence); with one
+    it is ~0 and the lean is removed. Per-row constants (an un-normalised log-softmax) cancel.
+    """
+    x = np.asarray(plate_log_probs, dtype=np.float64)
+    if len(x) < 2:
+        return np.zeros(x.shape[1])
+    x = x - x.mean(axis=1, keepdims=True)
+    mean = x.mean(axis=0)
+    between, within = mean.var(), x.var(axis=0).mean() / len(x)
+    keep = max(0.0, 1.0 - within / between) if between > 0 else 0.0
+    return keep * mean
+
+
+def center_log_probs(wells: pd.DataFrame, log_probs: np.ndarray, by: str = "plate") -> np.ndarray:
+    """Log-probabilities with each plate's lean towards some classes (``plate_lean``) removed.
+
+    Like AdaBN, this uses the wells being predicted: all of a test plate's wells are known at
+    submission time. A per-row constant stays a per-row constant, so arg-max and assignment still
+    ignore it. ``by="none"`` returns ``log_probs``.
+    """
+    if by not in CENTERINGS:
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {by!r}")
+    if by == "none":
+        return log_probs
+    centered = np.array(log_probs, dtype=np.float64)
+    for rows in wells.groupby(["experiment", "plate"], sort=True).indices.values():
+        centered[rows] -= plate_lean(centered[rows])
+    return centered
+
+
+def choose_rotations(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str], groups: PlateGroups,
+                     method: str = "plate_centered") -> dict[str, RotationChoice]:
+    """The group order of every experiment in ``wells`` (columns experiment, plate).
+
+    ``method``: ``mass`` sums, per plate and group, each well's log-probability mass on the group.
+    ``plate_centered`` (the default) first removes the plate's lean towards some classes
+    (``plate_lean``). Summed over a plate's wells, a plate effect's lean outweighs the wells' own
+    evidence and picks a wrong order for a weak model (bench/learning.py, set E: every experiment
+    wrong, leak accuracy 0 against 5.7% arg-max); without the lean, what is left is whether single
+    wells stand out on the group's classes, as only the plate's true group lets them.
+    """
+    if method not in ROTATION_SCORES:
+        raise ValueError(f"method must be one of {ROTATION_SCORES}, got {method!r}")
     masks = group_masks(groups, classes)
-    mass = np.stack([logsumexp(log_probs[:, np.flatnonzero(m)], axis=1) for m in masks], axis=1)  # (n, G)
     candidates = groups.candidate_orders
     n_groups = len(groups.groups)
     choices = {}
@@ -62,7 +113,10 @@ def choose_rotations(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[s
         plates = all_plates[idx]
         per_plate = np.zeros((4, n_groups))  # summed mass of plate p's wells on group g
         for p in range(1, 5):
-            per_plate[p - 1] = mass[idx[plates == p]].sum(0)
+            rows = log_probs[idx[plates == p]]
+            if method == "plate_centered" and len(rows):
+                rows = rows - plate_lean(rows)
+            per_plate[p - 1] = [logsumexp(rows[:, np.flatnonzero(m)], axis=1).sum() for m in masks]
 
         def score(order, per_plate=per_plate, n=max(len(idx), 1)):
             return sum(per_plate[p, g] for p, g in enumerate(order)) / n

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rcic.assign.plates import assign_plates, choose_rotations
+from rcic.assign.plates import assign_plates, center_log_probs, choose_rotations
 from rcic.io.metadata import PlateGroups
 
 
@@ -32,7 +32,7 @@ def _accuracy(correct: np.ndarray | None, mask: np.ndarray) -> float | None:
 
 
 def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                groups: PlateGroups | None, balance: str = "none") -> dict:
+                groups: PlateGroups | None, balance: str = "none", center: str = "plate") -> dict:
     """Accuracy of treatment wells from their treatment-class log-probabilities.
 
     ``wells`` has ``experiment``, ``plate``, ``cell_type`` and the true ``label`` (one row per
@@ -40,9 +40,11 @@ def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] |
     (plate-leak assignment; None where the data has no usable plate groups), ``wells``,
     ``per_cell_type`` ``{cell type: {"acc", "acc_leak"}}`` and ``experiments``
     ``{experiment: {"acc", "acc_leak", "wells"}}``. ``balance``: the plates' balancing before the
-    assignment (``rcic.assign.plates.assign_plates``).
+    assignment (``rcic.assign.plates.assign_plates``). ``center``: ``plate`` scores the plate-centred
+    log-probabilities (``rcic.assign.plates.center_log_probs``), as ``rcic submit`` predicts.
     """
     wells = wells.reset_index(drop=True)
+    log_probs = center_log_probs(wells, log_probs, center)
     classes = np.asarray(classes)
     truth = wells["label"].to_numpy().astype(str)
     correct = classes[log_probs.argmax(1)] == truth

@@ -19,10 +19,11 @@ from rcic.io.metadata import Dataset
 from rcic.predict.logits import Logits
 
 
-def evaluate_logits(dataset: Dataset, logits: Logits, balance: str = "none") -> dict:
+def evaluate_logits(dataset: Dataset, logits: Logits, balance: str = "none", center: str = "plate") -> dict:
     """``{"acc", "acc_leak", "wells", "per_cell_type", "experiments"}`` (+ ``"wilds"`` on that layout).
 
-    ``balance``: the plates' balancing before the leak assignment (as ``rcic submit --balance``).
+    ``balance``: the plates' balancing before the leak assignment (as ``rcic submit --balance``);
+    ``center``: ``plate`` scores plate-centred log-probabilities (as ``rcic submit --center``).
     """
     wells = dataset.wells.set_index("id_code")
     unknown = [i for i in logits.id_code if i not in wells.index]
@@ -43,7 +44,7 @@ def evaluate_logits(dataset: Dataset, logits: Logits, balance: str = "none") -> 
                                              set(dataset.vocab.treatment_labels))
     if not classes:
         raise DataError("the logits have no treatment classes", dataset.root)
-    result = score_wells(frame_t, log_probs, classes, dataset.plate_groups, balance)
+    result = score_wells(frame_t, log_probs, classes, dataset.plate_groups, balance, center)
     if dataset.layout == "wilds" and logits.site_logits is not None:
         result["wilds"] = wilds_scores(frame, logits)
     return result

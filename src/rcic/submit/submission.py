@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rcic.assign import BALANCES, assign_plates, choose_rotations, pseudo_labels, treatment_log_probs
+from rcic.assign import (
+    BALANCES,
+    CENTERINGS,
+    assign_plates,
+    center_log_probs,
+    choose_rotations,
+    pseudo_labels,
+    treatment_log_probs,
+)
 from rcic.atomic import atomic_write_text
 from rcic.errors import DataError
 from rcic.io.metadata import Dataset
@@ -54,13 +62,19 @@ def _wells_for(dataset: Dataset, logits: Logits) -> tuple[pd.DataFrame, bool]:
     return wells.loc[order].reset_index(), is_test
 
 
-def make_submission(dataset: Dataset, logits: Logits, leak: bool = True, balance: str = "none") -> Submission:
+def make_submission(dataset: Dataset, logits: Logits, leak: bool = True, balance: str = "none",
+                    center: str = "plate") -> Submission:
     """Labels for every well of ``logits``: plate-leak assignment, or plain arg-max (``leak=False``).
 
     ``balance``: ``sinkhorn`` balances each plate's probabilities before its assignment.
+    ``center``: ``plate`` (default) predicts from plate-centred log-probabilities
+    (``rcic.assign.center_log_probs``: each plate's lean towards some classes removed), ``none`` from
+    the model's own.
     """
     if balance not in BALANCES:
         raise DataError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if center not in CENTERINGS:
+        raise DataError(f"--center must be one of {', '.join(CENTERINGS)}, got {center!r}")
     if balance != "none" and not leak:
         raise DataError(f"--balance {balance} balances the plates before the plate assignment; --no-leak has none")
     vocab = dataset.vocab
@@ -77,6 +91,7 @@ def make_submission(dataset: Dataset, logits: Logits, leak: bool = True, balance
     log_probs, classes = treatment_log_probs(raw, logits.classes, set(vocab.treatment_labels))
     if not classes:
         raise DataError("logits have no treatment classes", dataset.root)
+    log_probs = center_log_probs(wells, log_probs, center)
     notes: list[str] = []
     groups = dataset.plate_groups
     if leak and not groups.usable:
