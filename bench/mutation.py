@@ -1,6 +1,6 @@
 """Mutation score of the modules that decide results, with mutmut 3, one module at a time.
 
-    python bench/mutation.py [assign submit profiles config metadata] [--children 2] [--sample N] [--keep]
+    python bench/mutation.py [assign submit profiles panel config metadata] [--children 2] [--sample N] [--keep]
                              [--seed 0]
                              [--real] [--examples 6] [--out DIR] [--report]
 
@@ -56,8 +56,33 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                                            "read_submission_csv_refuses_empty_or_repeated_files",
                                            "make_submission_labels_by_hand_and_its_refusals",
                                            "leak_pseudo_labels_are_the_most_confident_plate_assigned_test_wells"))]),
-    "profiles": (["src/rcic/profiles/*"], ["tests/test_profiles.py", "tests/test_properties.py"]),
-    "config": (["src/rcic/config.py"], ["tests/test_config.py", "tests/test_properties.py"]),
+    # profiles: the corrections, the map's metrics, the embeddings files (panel.py apart: its fast tests reach
+    # only a few of its functions, the rest is scored against scib-metrics by slow tests); the tests on
+    # hand-made tables: those that synthesise and pack images (intensity_embeddings, ~1 min a mutant) or train a
+    # model (tiny_run; embed_wells) are left out
+    "profiles": ([f"src/rcic/profiles/{name}.py" for name in ("__init__", "correct", "metrics", "embeddings")], [
+        "tests/test_properties.py",
+        *(f"tests/test_profiles.py::test_{name}" for name in (
+            "average_precision_equals_copairs", "average_precision_by_hand", "batch_leakage_and_known_recall_by_hand",
+            "probe_holds_out_whole_experiments", "corrections_refuse_too_few_controls_unknown_methods_and_control_sets",
+            "controls_all_and_within_pick_every_control_and_center_uses_their_mean",
+            "principal_components_are_the_centred_datas_projections", "scored_wells_leave_out_the_seen_ones_and_say_so",
+            "gene_tables_must_share_labels_and_genes", "embeddings_files_round_trip_and_their_defects_are_named",
+            "map_scores_are_the_metrics_of_each_corrections_output_on_a_small_table",
+            "average_precision_with_many_positives_equals_a_brute_force_ranking")),
+        *(f"tests/test_maps.py::test_{name}" for name in (
+            "within_controls_by_hand", "negative_controls_too_few_is_one_line",
+            "center_standardize_spherize_known_answers",
+            "spherize_regularisation_shrinks_each_control_direction_as_stated", "tvn_is_efaars_definition",
+            "pca_is_the_first_components", "batch_only_shift_is_removed",
+            "harmony_is_harmonypy_on_the_principal_components",
+            "map_scores_unseen_wells_and_says_how_many", "silhouette_subsample_keeps_every_sirna_across_experiments",
+            "replicate_map_against_negative_controls_by_hand", "aggregate_is_arevalos",
+            "map_html_shows_the_panel_as_a_heat_table"))]),
+    "panel": (["src/rcic/profiles/panel.py"], [f"tests/test_maps.py::test_{name}" for name in (
+        "silhouette_subsample_keeps_every_sirna_across_experiments", "replicate_map_against_negative_controls_by_hand",
+        "aggregate_is_arevalos", "map_html_shows_the_panel_as_a_heat_table")]),
+    "config": (["src/rcic/config.py"], ["tests/test_config.py"]),
     "metadata": (["src/rcic/io/metadata.py"], ["tests/test_io_metadata.py", "tests/test_properties.py"]),
 }
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), the ones a run gives

@@ -407,7 +407,7 @@ def test_map_scores_are_the_metrics_of_each_corrections_output_on_a_small_table(
     offset = {e: rng.normal(size=5) * 3 for e in meta.experiment.unique()}
     x = np.stack([signal[r[0]] + offset[r[1]] for r in rows]) + rng.normal(scale=0.5, size=(len(rows), 5))
     genes = pd.DataFrame({"label": [f"s{k}" for k in range(6)], "gene": ["G0", "G0", "G1", "G2", "G3", "G4"]})
-    pairs = pd.DataFrame({"gene_a": ["G1", "G2"], "gene_b": ["G3", "G4"]})
+    pairs = pd.DataFrame({"gene_a": ["G1", "G2", "G1", "G9"], "gene_b": ["G3", "G4", "G1", "G1"]})  # G9: no siRNA
     steps = []
     result = phenomic_map(meta, x, ["none", "center", "none"], genes, pairs, null_size=50, controls="negative",
                           progress=lambda done, total: steps.append((done, total)))
@@ -429,3 +429,23 @@ def test_map_scores_are_the_metrics_of_each_corrections_output_on_a_small_table(
     bare = phenomic_map(meta, x, ["none"], probe=False)
     assert bare.scores["none"]["known_recall"] is None and bare.scores["none"]["known_pairs"] == 0
     assert bare.scores["none"]["probe_acc"] is None and bare.scores["none"]["known_recall_ci"] is None
+
+
+def test_average_precision_with_many_positives_equals_a_brute_force_ranking():
+    """21 wells per siRNA over 3 experiments: 14 positives a query, past the code's counting shortcuts
+    (one comparison pass per positive up to 12, sorted rows beyond): each AP against the ranking itself."""
+    rng = np.random.default_rng(7)
+    rows = [(f"s{k}", f"X-0{e}") for k in range(20) for e in (1, 2, 3) for _ in range(7)]
+    meta = _meta([r[0] for r in rows], [r[1] for r in rows])
+    x = rng.normal(size=(len(rows), 6)) + np.repeat(rng.normal(size=(20, 6)), 21, axis=0)
+    ours = replicate_average_precision(meta, x).set_index("row").sort_index()
+    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    sims = unit @ unit.T
+    labels, experiments = meta["label"].to_numpy(), meta["experiment"].to_numpy()
+    for i in range(0, len(rows), 17):
+        candidate = ~((labels == labels[i]) & (experiments == experiments[i]))
+        order = np.flatnonzero(candidate)[np.argsort(-sims[i, candidate], kind="stable")]
+        hits = labels[order] == labels[i]
+        expected = np.mean(np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1))
+        assert ours.loc[i, "n_pos_pairs"] == 14 and ours.loc[i, "n_total_pairs"] == len(order) == 413
+        assert ours.loc[i, "average_precision"] == pytest.approx(expected, abs=1e-6)

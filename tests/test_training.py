@@ -52,7 +52,10 @@ def _weights(path):
     return {k: v for k, v in state.items() if v.dtype.is_floating_point}
 
 
-def test_train_writes_a_complete_run_and_refuses_to_overwrite(tiny_run, tiny_store, tmp_path):
+def test_train_writes_a_complete_run_and_refuses_to_overwrite(tiny_run, tiny_store, tiny_data, tmp_path):
+    from rcic.data.dataset import experiment_folds
+    from rcic.io import read_dataset
+
     files = {p.relative_to(tiny_run).as_posix() for p in tiny_run.rglob("*") if p.is_file()}
     for expected in ("recipe.yaml", "run.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
                      "checkpoints/epoch000.ckpt", "checkpoints/epoch001.ckpt", "logs/metrics.csv", "curves.png",
@@ -62,7 +65,13 @@ def test_train_writes_a_complete_run_and_refuses_to_overwrite(tiny_run, tiny_sto
     history = pd.read_csv(tiny_run / "history.csv")
     assert len(history) == 2 and {"val/acc", "val/acc_HEPG2", "val/acc_HUVEC", "val/loss"} <= set(history.columns)
     info = json.loads((tiny_run / "run.json").read_text())
-    assert info["val_experiments"] and info["train_sites"] > 0
+    # tiny_run: cpu-demo (fold 0 held out, controls are classes too) with data.folds=2: the held-out experiments
+    # are fold 0 of experiment_folds, and every site of the others is a training site
+    ds = read_dataset(tiny_data)
+    sites = ds.sites
+    held_out = sorted(e for e, f in experiment_folds(ds.wells, 2, 0).items() if f == 0)
+    assert info["val_experiments"] == held_out and len(held_out) == 2
+    assert info["train_sites"] == int(((sites.split == "train") & ~sites.experiment.isin(held_out)).sum())
     before = (tiny_run / "recipe.yaml").read_text()
     proc = run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", tiny_run, *TINY, check=False)
     assert proc.returncode == 2 and "holds a run already" in proc.stderr
