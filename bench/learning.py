@@ -58,13 +58,16 @@ SETS = {
     "E": ("small", dict(seed=25, n_classes=128, effect_size=0.25, plate_effect=0.6)),  # 1.5: both at chance
     "F": ("realsize", dict(seed=26, plate_effect=1.0)),
 }
-# Each plate-aware technique as recipe overrides (training and prediction) and a submit option.
+# Each plate-aware technique: recipe overrides for training, the ``--adabn`` of prediction (``recipe``:
+# the run's own) and the ``--balance`` of submission. AdaBN and Sinkhorn change nothing in training,
+# so they reuse the plain run's weights. Every row is scored with and without ``--center plate``.
 TECHNIQUES = {
-    "sampler=plate": (["data.sampler=plate"], "none"),
-    "normalization=plate_controls": (["data.normalization=plate_controls"], "none"),
-    "adabn=plate": (["model.adabn=plate"], "none"),
-    "center=plate": (["model.center_embeddings=plate"], "none"),
-    "balance=sinkhorn": ([], "sinkhorn"),
+    "sampler=plate": (["data.sampler=plate"], "recipe", "none"),
+    "adabn=plate": ([], "plate", "none"),
+    "balance=sinkhorn": ([], "recipe", "sinkhorn"),
+    "normalization=plate": (["data.normalization=plate"], "recipe", "none"),
+    "normalization=plate_controls": (["data.normalization=plate_controls"], "recipe", "none"),
+    "center=plate": (["model.center_embeddings=plate", "data.sampler=plate"], "recipe", "none"),
 }
 
 
@@ -74,15 +77,18 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
 
-def cli_accuracy(store: Path, logits: Path, answers: Path, balance: str = "none") -> tuple[float, float]:
+def cli_accuracy(store: Path, logits: Path, answers: Path, balance: str = "none", center: str = "plate"
+                 ) -> tuple[float, float]:
     """Test accuracy (arg-max, plate leak) of a logits file, through ``rcic submit`` + ``rcic score``."""
     result = []
     for leak in (False, True):
-        out = logits.with_suffix(f".{'leak' if leak else 'argmax'}.{balance}.csv")
+        balance_here = balance if leak else "none"  # balancing feeds the plate assignment only
+        out = logits.with_suffix(f".{'leak' if leak else 'argmax'}.{balance_here}.center-{center}.csv")
         if not out.is_file():
-            command = [RCIC, "submit", "--data", str(store), "--logits", str(logits), "--out", str(out)]
+            command = [RCIC, "submit", "--data", str(store), "--logits", str(logits), "--out", str(out),
+                       "--center", center]
             command += [] if leak else ["--no-leak"]
-            command += ["--balance", balance] if balance != "none" else []
+            command += ["--balance", balance_here] if balance_here != "none" else []
             subprocess.run(command, check=True, capture_output=True)
         scored = subprocess.run([RCIC, "score", "--submission", str(out), "--answers", str(answers), "--json"],
                                 check=True, capture_output=True, text=True)
@@ -117,9 +123,9 @@ def train(source, out: Path, overrides: list[str], extra=None) -> tuple[Path, fl
     return out, float(cpu.read_text()), best
 
 
-def test_logits(runs: list[Path], source, path: Path) -> Path:
+def test_logits(runs: list[Path], source, path: Path, adabn: str = "recipe") -> Path:
     if not path.is_file():
-        save_logits(path, predict(runs, source, split="test", tta=8, batch_size=64))
+        save_logits(path, predict(runs, source, split="test", tta=8, batch_size=64, adabn=adabn))
     return path
 
 
@@ -144,6 +150,7 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     row = {"set": name, "chance": 1 / source.dataset.vocab.n_treatments,
            "seconds": round(float((every / "seconds.txt").read_text())), "cpu s": round(cpu_all)}
     row["cpu-demo"], row["cpu-demo+leak"] = cli_accuracy(store, final, answers)
+    row["uncentred"], row["uncentred+leak"] = cli_accuracy(store, final, answers, center="none")
     baseline = folder / "baseline_test.npz"
     if not baseline.is_file():
         subprocess.run([sys.executable, str(ROOT / "baseline_cnn.py"), "--data", str(store),
@@ -164,16 +171,22 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
 def run_ablation(name: str, out: Path, overrides: list[str], combo: list[str]) -> list[dict]:
     folder, source, answers = make_set(name, out)
     store, common = folder / "store.zarr", ["data.folds=3", "data.fold=all", *overrides]
-    choices = {"plain": ([], "none"), **TECHNIQUES,
-               "combined": ([o for c in combo for o in TECHNIQUES[c][0]],
-                            next((TECHNIQUES[c][1] for c in combo if TECHNIQUES[c][1] != "none"), "none"))}
+    combined = ([o for c in combo for o in TECHNIQUES[c][0]],
+                next((TECHNIQUES[c][1] for c in combo if TECHNIQUES[c][1] != "recipe"), "recipe"),
+                next((TECHNIQUES[c][2] for c in combo if TECHNIQUES[c][2] != "none"), "none"))
+    choices = {"plain": ([], "recipe", "none"), **TECHNIQUES, "combined": combined}
     rows = []
-    for label, (extra, balance) in choices.items():
+    for label, (extra, adabn, balance) in choices.items():
         run_dir = folder / ("all" if not extra else "all-" + label.replace("=", "-"))
-        run, seconds, _ = train(source, run_dir, [*common, *extra])
-        logits = test_logits([run], source, run_dir.parent / f"test_{run_dir.name}.npz")
-        plain, leak = cli_accuracy(store, logits, answers, balance)
-        rows.append({"set": name, "technique": label, "test": plain, "test+leak": leak, "cpu s": round(seconds)})
+        run, seconds, _ = train(source, run_dir, [*common, *dict.fromkeys(extra)])
+        tag = run_dir.name + ("" if adabn == "recipe" else f"-adabn-{adabn}")
+        logits = test_logits([run], source, run_dir.parent / f"test_{tag}.npz", adabn)
+        row = {"set": name, "technique": label}
+        for center in ("none", "plate"):
+            suffix = "" if center == "none" else " centred"
+            row["test" + suffix], row["test+leak" + suffix] = cli_accuracy(store, logits, answers, balance, center)
+        rows.append({**row, "cpu s": round(seconds)})
+        (out / "ablation.partial.json").write_text(json.dumps(rows, indent=2, default=float))
     return rows
 
 
@@ -203,7 +216,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
     ap.add_argument("--no-folds", action="store_true", help="skip the 3-fold ensemble and the pseudo-label round")
     ap.add_argument("--ablation", action="store_true", help="each plate-aware technique alone, then --combo")
-    ap.add_argument("--combo", default=",".join(TECHNIQUES), help="techniques combined in the ablation")
+    ap.add_argument("--combo", default="sampler=plate,adabn=plate,balance=sinkhorn,normalization=plate",
+                    help="techniques combined in the ablation")
     ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                     help="compare cpu-demo with this single change on fold 0 of every set")
     args = ap.parse_args()
@@ -216,7 +230,7 @@ def main() -> None:
         rows = [r for name in sets for r in run_ablation(name, args.out, args.overrides, args.combo.split(","))]
         frame = pd.DataFrame(rows)
         plain = frame[frame.technique == "plain"].set_index("set")["test"]
-        frame["gain"] = frame["test"] - frame["set"].map(plain)
+        frame["arg-max gain"] = frame["test"] - frame["set"].map(plain)
         text = ("cpu-demo (data.fold: all) with each plate-aware technique alone, then combined ("
                 + args.combo + "); test split, D4 TTA x8:\n\n" + markdown(frame) + "\n")
         (args.out / "ablation.md").write_text(text)
