@@ -146,40 +146,48 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     store = folder / "store.zarr"
     common = ["data.folds=3", *overrides]
     every, cpu_all, _ = train(source, folder / "all", [*common, "data.fold=all"])
-    final = test_logits([every], source, folder / "test_all.npz")
+    # AdaBN acts at prediction only: the shipped recipe's setting is applied to the run, and the same
+    # weights without it (and without --center plate) are "no plate-aware": the recipe without them
+    adabn = load_recipe("cpu-demo", common).model.adabn
+    final = test_logits([every], source, folder / f"test_all-adabn-{adabn}.npz", adabn)
     row = {"set": name, "chance": 1 / source.dataset.vocab.n_treatments,
            "seconds": round(float((every / "seconds.txt").read_text())), "cpu s": round(cpu_all)}
     row["cpu-demo"], row["cpu-demo+leak"] = cli_accuracy(store, final, answers)
-    row["uncentred"], row["uncentred+leak"] = cli_accuracy(store, final, answers, center="none")
+    unaware = test_logits([every], source, folder / "test_all-adabn-none.npz", "none")
+    row["no plate-aware"], row["no plate-aware+leak"] = cli_accuracy(store, unaware, answers, center="none")
     baseline = folder / "baseline_test.npz"
     if not baseline.is_file():
         subprocess.run([sys.executable, str(ROOT / "baseline_cnn.py"), "--data", str(store),
                         "--cpu-seconds", str(cpu_all), "--out", str(baseline)], check=True)
     row["baseline"], row["baseline+leak"] = cli_accuracy(store, baseline, answers)
     row["margin"], row["margin+leak"] = row["cpu-demo"] - row["baseline"], row["cpu-demo+leak"] - row["baseline+leak"]
+    row["plate-aware gain"] = row["cpu-demo"] - row["no plate-aware"]
     if folds:
         runs = [train(source, folder / f"fold{k}", [*common, f"data.fold={k}"])[0] for k in range(3)]
-        row["3-fold"], row["3-fold+leak"] = cli_accuracy(store, test_logits(runs, source, folder / "test_3fold.npz"),
-                                                         answers)
+        row["3-fold"], row["3-fold+leak"] = cli_accuracy(store, test_logits(runs, source, folder / "test_3fold.npz",
+                                                                            adabn), answers)
         extra = leak_pseudo_labels(source.dataset, load_logits(final), 0.5)
         pseudo, _, _ = train(source, folder / "pseudo", [*common, "data.fold=all"], extra=extra)
-        row["pseudo"], row["pseudo+leak"] = cli_accuracy(store, test_logits([pseudo], source,
-                                                                             folder / "test_pseudo.npz"), answers)
+        pseudo_logits = test_logits([pseudo], source, folder / "test_pseudo.npz", adabn)
+        row["pseudo"], row["pseudo+leak"] = cli_accuracy(store, pseudo_logits, answers)
     return row
 
 
-def run_ablation(name: str, out: Path, overrides: list[str], combo: list[str]) -> list[dict]:
+def run_ablation(name: str, out: Path, overrides: list[str], combo: list[str], only: list[str] | None = None
+                 ) -> list[dict]:
     folder, source, answers = make_set(name, out)
-    store, common = folder / "store.zarr", ["data.folds=3", "data.fold=all", *overrides]
+    # every technique alone: AdaBN (on in cpu-demo) off unless it is the one measured
+    store, common = folder / "store.zarr", ["data.folds=3", "data.fold=all", "model.adabn=none", *overrides]
     combined = ([o for c in combo for o in TECHNIQUES[c][0]],
                 next((TECHNIQUES[c][1] for c in combo if TECHNIQUES[c][1] != "recipe"), "recipe"),
                 next((TECHNIQUES[c][2] for c in combo if TECHNIQUES[c][2] != "none"), "none"))
     choices = {"plain": ([], "recipe", "none"), **TECHNIQUES, "combined": combined}
+    choices = {k: v for k, v in choices.items() if only is None or k in ("plain", *only)}
     rows = []
     for label, (extra, adabn, balance) in choices.items():
         run_dir = folder / ("all" if not extra else "all-" + label.replace("=", "-"))
         run, seconds, _ = train(source, run_dir, [*common, *dict.fromkeys(extra)])
-        tag = run_dir.name + ("" if adabn == "recipe" else f"-adabn-{adabn}")
+        tag = run_dir.name + ("" if adabn == "recipe" else f"-adabn-{adabn}")  # recipe: AdaBN off (common)
         logits = test_logits([run], source, run_dir.parent / f"test_{tag}.npz", adabn)
         row = {"set": name, "technique": label}
         for center in ("none", "plate"):
@@ -218,6 +226,7 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="each plate-aware technique alone, then --combo")
     ap.add_argument("--combo", default="sampler=plate,adabn=plate,balance=sinkhorn,normalization=plate",
                     help="techniques combined in the ablation")
+    ap.add_argument("--only", default="", help="ablation: these techniques only (comma-separated; 'combined' too)")
     ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                     help="compare cpu-demo with this single change on fold 0 of every set")
     args = ap.parse_args()
@@ -227,7 +236,8 @@ def main() -> None:
         print(compare_choices(args.out, sets, args.compare))
         return
     if args.ablation:
-        rows = [r for name in sets for r in run_ablation(name, args.out, args.overrides, args.combo.split(","))]
+        only = args.only.split(",") if args.only else None
+        rows = [r for name in sets for r in run_ablation(name, args.out, args.overrides, args.combo.split(","), only)]
         frame = pd.DataFrame(rows)
         plain = frame[frame.technique == "plain"].set_index("set")["test"]
         frame["arg-max gain"] = frame["test"] - frame["set"].map(plain)
