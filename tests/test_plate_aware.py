@@ -91,23 +91,30 @@ def test_adabn_statistics_equal_a_hand_computation():
     assert bn.momentum == 0.1
 
 
-def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store):
-    """rcic's domain-wise prediction equals adapting the network to one plate by hand and predicting it."""
+def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeypatch):
+    """rcic's domain-wise prediction equals adapting the network to one plate by hand and predicting it,
+    whatever the prediction batch size: AdaBN's batches are the sites of ADAPT_WELLS wells."""
+    from rcic.data import dataset as dataset_module
     from rcic.data.augment import prepare
     from rcic.predict.runner import predict_run
     from rcic.training.fit import build_task
 
+    monkeypatch.setattr(dataset_module, "ADAPT_WELLS", 1)  # several adaptation batches on a tiny plate
     source = open_source(tiny_store)
     recipe = load_recipe("cpu-demo", [*TINY, "model.adabn=plate"])
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     task = build_task(dm, recipe, "workers", False)
     trained = {k: v.clone() for k, v in task.state_dict().items()}
-    wells, logits, _, _ = predict_run(task, source, "test", tta=1, batch_size=3, accelerator="cpu")
+    wells, logits, _, _ = predict_run(task, source, "test", tta=1, batch_size=1, accelerator="cpu")
     assert all(torch.equal(v, task.state_dict()[k]) for k, v in trained.items())  # statistics restored
+    again, other, _, _ = predict_run(task, source, "test", tta=1, batch_size=64, accelerator="cpu")
+    assert (again["id_code"] == wells["id_code"]).all()
+    np.testing.assert_allclose(other, logits, rtol=1e-5, atol=1e-5)
     dm.setup("predict")
     rows = dm.rows_for("test")
     plate = rows[(rows["experiment"] == rows["experiment"].iloc[0]) & (rows["plate"] == 2)]
     dataset = dm.well_dataset(plate, {c: i for i, c in enumerate(task.cell_types)})
+    assert len(dataset) >= 2
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items]).flatten(0, 1)
     x = prepare(images, recipe.data.normalization, torch.stack([item["stats"] for item in items]).flatten(0, 1),
@@ -116,13 +123,36 @@ def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store):
     net = task.net.eval()
     start_domain(net)
     with adapting(net):
-        for start in range(0, len(items), 3):  # the same batches of 3 wells (6 sites)
-            net(x[start * 2:(start + 3) * 2], cell[start * 2:(start + 3) * 2])
+        for start in range(len(items)):  # batches of 1 well (2 sites)
+            net(x[start * 2:(start + 1) * 2], cell[start * 2:(start + 1) * 2])
     with torch.no_grad():
         expected = net(x, cell)["logits"].view(len(items), 2, -1).mean(1).numpy()
     rows_of = {c: i for i, c in enumerate(wells["id_code"])}
     got = logits[[rows_of[c] for c in dataset.wells["id_code"]]]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adaptation_batches_are_the_same_sites_per_site_and_per_well(monkeypatch):
+    """Validation (an item per site, one site missing) and prediction (an item per well) adapt on the same sites."""
+    from rcic.data import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "ADAPT_WELLS", 2)
+    sites = pd.DataFrame({"experiment": "A-01", "plate": [1] * 9 + [2] * 4,
+                          "id_code": ["w1", "w1", "w2", "w3", "w3", "w4", "w4", "w5", "w5", "v1", "v1", "v2", "v2"]})
+    wells = sites.drop_duplicates("id_code").reset_index(drop=True)
+    phases = (PHASE_ADAPT, PHASE_PREDICT)
+    per_site = DomainEvalSampler(domain_codes(sites, "plate"), 5, phases, wells=sites["id_code"].to_numpy())
+    per_well = DomainEvalSampler(domain_codes(wells, "plate"), 5, phases, wells=wells["id_code"].to_numpy())
+
+    def adapted(plan, table):
+        return [sorted(set(table["id_code"].iloc[[k % len(table) for k in b]])) for b in plan
+                if b[0] // len(table) == PHASE_ADAPT]
+
+    expected = [["w1", "w2"], ["w3", "w4"], ["w5"], ["v1", "v2"]]
+    assert adapted(list(per_site), sites) == adapted(list(per_well), wells) == expected
+    # per site, every site of a well is in its well's batch, once
+    site_batches = [[k for k in b] for b in per_site if b[0] // len(sites) == PHASE_ADAPT]
+    assert sorted(k for b in site_batches for k in b) == list(range(len(sites)))
 
 
 def test_plate_controls_statistics_equal_a_hand_computation(tiny_store):

@@ -24,6 +24,8 @@ DOMAINS = ("plate", "experiment")
 # the phases of a domain-wise evaluation (keys phase * n + index): BatchNorm statistics of the
 # domain (AdaBN), its mean embedding (centring), then the prediction itself
 PHASE_ADAPT, PHASE_MEAN, PHASE_PREDICT = 0, 1, 2
+# AdaBN's batches: the sites of this many wells of one domain (both sites of each: 32 sites)
+ADAPT_WELLS = 16
 
 
 def experiment_folds(wells: pd.DataFrame, folds: int, split_seed: int = 0) -> dict[str, int]:
@@ -177,10 +179,12 @@ class SiteDataset(Dataset):
 
 
 class WellDataset(Dataset):
-    """One sample per well for prediction: ``{"image": (2, C, H, W) uint8, "stats", "cell_type", "index", "phase"}``.
+    """One sample per well for prediction: ``{"image": (2, C, H, W) uint8, "stats", "cell_type", "real", "index",
+    "phase"}``.
 
     A well with one readable site (the other left out by ``pack --skip-missing``) repeats it, so
-    the mean over the two equals that site. Keys may be ``phase * len + index`` (``DomainEvalSampler``).
+    the mean over the two equals that site; ``real`` marks the sites that are not repeats. Keys may be
+    ``phase * len + index`` (``DomainEvalSampler``).
     """
 
     def __init__(self, source: ImageSource, rows: pd.DataFrame, stats: np.ndarray | None,
@@ -207,6 +211,7 @@ class WellDataset(Dataset):
         picks = self.sites[i]
         images = [torch.from_numpy(np.ascontiguousarray(self.source.read_site(self.records[j]))) for j in picks]
         return {"image": torch.stack(images), "stats": self.stats[picks], "cell_type": self.cell_type[i],
+                "real": torch.arange(2) < self.real_sites[i],  # a repeated site counts once in domain statistics
                 "index": torch.tensor(i, dtype=torch.long), "phase": torch.tensor(phase, dtype=torch.long)}
 
 
@@ -296,14 +301,21 @@ class DomainEvalSampler(Sampler[list[int]]):
     world size read from ``torch.distributed`` when iterated), so no statistic needs a cross-rank
     reduction; ranks are padded to the same number of batches with repeats of their last
     prediction batch (results are gathered by index, so a repeat counts once).
+
+    Adaptation batches are cut by wells, not by ``batch_size``: the sites of ``ADAPT_WELLS``
+    consecutive wells of the domain (``wells``: each item's well; None: every item its own well).
+    BatchNorm in training mode normalises each batch by its own statistics, so AdaBN's result
+    depends on how a domain is cut. Cutting by wells gives the same batches to validation (one item
+    per site), to prediction (one item per well) and to any ``batch_size`` or number of ranks.
     """
 
     def __init__(self, codes: np.ndarray, batch_size: int, phases: tuple[int, ...],
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, wells: np.ndarray | None = None):
         codes = np.asarray(codes)
         self.n, self.batch_size, self.phases = len(codes), batch_size, tuple(phases)
         self.rank, self.world_size = rank, world_size
         self.members = [np.flatnonzero(codes == c) for c in np.unique(codes)]
+        self.wells = np.arange(self.n) if wells is None else np.asarray(wells)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None:
@@ -316,7 +328,10 @@ class DomainEvalSampler(Sampler[list[int]]):
 
     def _domain_batches(self, members: np.ndarray) -> list[list[int]]:
         chunks = [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
-        return [(phase * self.n + chunk).tolist() for phase in self.phases for chunk in chunks]
+        ordinal, _ = pd.factorize(self.wells[members])  # each item's well, numbered in order within the domain
+        by_wells = [members[ordinal // ADAPT_WELLS == c] for c in range(-(-(ordinal.max() + 1) // ADAPT_WELLS))]
+        return [(phase * self.n + chunk).tolist() for phase in self.phases
+                for chunk in (by_wells if phase == PHASE_ADAPT else chunks)]
 
     def _plan(self) -> list[list[list[int]]]:
         rank_world = self._rank_world()
@@ -469,7 +484,8 @@ class RxRxDataModule(L.LightningDataModule):
         """Wells in order; with ``domain``, domain by domain in ``phases`` (``DomainEvalSampler``)."""
         if domain is None:
             return self._loader(dataset, batch_size, workers=workers)
-        sampler = DomainEvalSampler(domain_codes(dataset.wells, domain), batch_size, phases)
+        sampler = DomainEvalSampler(domain_codes(dataset.wells, domain), batch_size, phases,
+                                    wells=dataset.wells["id_code"].to_numpy())
         return self._loader(dataset, batch_size, workers=workers, batch_sampler=sampler)
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -526,7 +542,8 @@ class RxRxDataModule(L.LightningDataModule):
             return []
         bs = self.config.eval_batch_size or self.config.batch_size * 2
         if self.eval_domain is not None:
-            sampler = DomainEvalSampler(domain_codes(self.val_set.rows, self.eval_domain), bs, self.eval_phases)
+            sampler = DomainEvalSampler(domain_codes(self.val_set.rows, self.eval_domain), bs, self.eval_phases,
+                                        wells=self.val_set.rows["id_code"].to_numpy())
             return self._loader(self.val_set, bs, batch_sampler=sampler)
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:  # each rank validates its shard

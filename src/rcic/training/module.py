@@ -261,8 +261,10 @@ class RcicTask(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cell = batch["cell_type"].repeat_interleave(s)
-        center = self._domain_phase(batch, lambda adapt: [x] if adapt else (d4_transform(x, k) for k in self.tta),
-                                    cell)
+        # a domain's statistics count each real site once, as validation (one item per site) does
+        real = batch["real"].flatten() if "real" in batch else slice(None)
+        center = self._domain_phase(batch, lambda adapt: [x[real]] if adapt else (d4_transform(x[real], k)
+                                                                                  for k in self.tta), cell[real])
         if self.eval_domain() is not None and int(batch["phase"][0]) != PHASE_PREDICT:
             n = len(self.classes)
             empty = {"index": batch["index"][:0], "logits": x.new_zeros(0, n),
