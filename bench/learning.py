@@ -123,6 +123,12 @@ def train(source, out: Path, overrides: list[str], extra=None) -> tuple[Path, fl
     return out, float(cpu.read_text()), best
 
 
+def recipe_value(overrides: list[str], key: str):
+    """One key of cpu-demo with these overrides (``section.name``)."""
+    section, name = key.split(".")
+    return getattr(getattr(load_recipe("cpu-demo", overrides), section), name)
+
+
 def test_logits(runs: list[Path], source, path: Path, adabn: str = "recipe") -> Path:
     if not path.is_file():
         save_logits(path, predict(runs, source, split="test", tta=8, batch_size=64, adabn=adabn))
@@ -148,12 +154,18 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     every, cpu_all, _ = train(source, folder / "all", [*common, "data.fold=all"])
     # AdaBN acts at prediction only: the shipped recipe's setting is applied to the run, and the same
     # weights without it (and without --center plate) are "no plate-aware": the recipe without them
-    adabn = load_recipe("cpu-demo", common).model.adabn
+    adabn = recipe_value(common, "model.adabn")
     final = test_logits([every], source, folder / f"test_all-adabn-{adabn}.npz", adabn)
     row = {"set": name, "chance": 1 / source.dataset.vocab.n_treatments,
            "seconds": round(float((every / "seconds.txt").read_text())), "cpu s": round(cpu_all)}
     row["cpu-demo"], row["cpu-demo+leak"] = cli_accuracy(store, final, answers)
-    unaware = test_logits([every], source, folder / "test_all-adabn-none.npz", "none")
+    # the same recipe without its plate-aware defaults: per-experiment normalisation from the controls
+    # (a separate run when the recipe normalises per plate), no AdaBN, no plate centring of the scores
+    plain = ["data.normalization=experiment_controls"] if recipe_value(common, "data.normalization") in (
+        "plate", "plate_controls") else []
+    unaware_run = every if not plain else train(source, folder / "all-no-plate-aware",
+                                                [*common, "data.fold=all", *plain])[0]
+    unaware = test_logits([unaware_run], source, folder / f"test_{unaware_run.name}-adabn-none.npz", "none")
     row["no plate-aware"], row["no plate-aware+leak"] = cli_accuracy(store, unaware, answers, center="none")
     baseline = folder / "baseline_test.npz"
     if not baseline.is_file():
@@ -162,6 +174,7 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     row["baseline"], row["baseline+leak"] = cli_accuracy(store, baseline, answers)
     row["margin"], row["margin+leak"] = row["cpu-demo"] - row["baseline"], row["cpu-demo+leak"] - row["baseline+leak"]
     row["plate-aware gain"] = row["cpu-demo"] - row["no plate-aware"]
+    row["plate-aware gain+leak"] = row["cpu-demo+leak"] - row["no plate-aware+leak"]
     if folds:
         runs = [train(source, folder / f"fold{k}", [*common, f"data.fold={k}"])[0] for k in range(3)]
         row["3-fold"], row["3-fold+leak"] = cli_accuracy(store, test_logits(runs, source, folder / "test_3fold.npz",
