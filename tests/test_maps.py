@@ -336,6 +336,16 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
                                                         abs=1e-5)
     for metric in ("kBET", "iLISI", "cLISI", "graph connectivity", "Leiden NMI", "silhouette batch"):
         assert sampled[metric] == pytest.approx(values[metric], abs=1e-6), metric
+    # kBET on two of the siRNAs scib-metrics scores (p0, p1, neg: 10 wells or more): its own values for them
+    from rcic.profiles.panel import kbet_labels, kbet_per_label
+
+    _, codes = np.unique(labels, return_inverse=True)
+    _, batch_codes = np.unique(batches, return_inverse=True)
+    _, full = scib_metrics.kbet_per_label(nn, batch_codes, codes, return_df=True)
+    chosen, scoreable = kbet_labels(codes, batch_codes, max_labels=2)
+    assert len(chosen) == 2 and scoreable == full["kBET"].notna().sum() == 3
+    assert kbet_per_label(nn, batch_codes, codes, chosen).to_dict() == pytest.approx(
+        full.set_index("cluster")["kBET"].loc[chosen].to_dict())
 
 
 def test_silhouette_subsample_keeps_every_sirna_across_experiments():

@@ -34,8 +34,16 @@ Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are
   seed. The isolated labels are chosen on all wells. A cell type at or under the cap is scored
   whole (then both equal scib-metrics' full values). Silhouette batch is computed within each
   siRNA, so its cost is the sum of the squared siRNA sizes: it is computed on every well;
+- kBET (scib-metrics' ``kbet_per_label``: a diffusion map and a pynndescent search per siRNA,
+  ~0.1 s each) on at most ``KBET_LABELS`` siRNAs per cell type, drawn at random (fixed seed) from
+  those scib-metrics scores (10 wells or more, in two experiments or more; it skips the others):
+  kBET is the mean over siRNAs, so the drawn siRNAs estimate it without bias. Each drawn siRNA's
+  value is scib-metrics' own: the connectivities of the whole cell type's graph, restricted to the
+  drawn siRNAs' wells, hold every edge between two wells of one siRNA, the subgraph it scores;
 - Leiden at the fixed resolutions ``LEIDEN_RESOLUTIONS`` (scib-metrics searches ten, 0.2-2.0),
-  the best NMI and its ARI as scib-metrics picks them, with scib-metrics' fixed seed.
+  the best NMI and its ARI as scib-metrics picks them, with scib-metrics' fixed seed; the igraph
+  graph (which scib-metrics builds from the connectivities in a Python loop per resolution) is
+  built once and clustered at each resolution with scib-metrics' calls: the same clusters.
 
 Every number is deterministic for a seed.
 """
@@ -61,6 +69,8 @@ BATCH_WEIGHT = 0.4  # scIB's and Arevalo et al.'s weighting
 # the silhouette's cost grows with the square of a cell type's wells (x 2: silhouette label, isolated labels)
 SILHOUETTE_WELLS = 5000
 LEIDEN_RESOLUTIONS = (0.5, 1.0, 2.0)  # a subset of scib-metrics' search grid (0.2, 0.4, ..., 2.0)
+KBET_LABELS = 200  # siRNAs per cell type in kBET (scib-metrics: ~0.1 s each, per correction that mixes batches)
+KBET_MIN_WELLS = 10  # scib-metrics' kbet_per_label skips a label with fewer wells (or a single batch)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +121,7 @@ class _Parts:
     fixed: dict[str, float | None]
     per_label: dict[str, pd.Series]  # metric -> values indexed by siRNA (per siRNA, or per well for silhouette label)
     lisi: dict[str, tuple[pd.Series, int]]  # iLISI/cLISI -> (per-well LISI indexed by siRNA, count for scaling)
+    kbet_labels: tuple[int, int] = (0, 0)  # (siRNAs kBET scored, siRNAs scib-metrics would score)
 
 
 def stratified_subsample(labels: np.ndarray, batches: np.ndarray, max_wells: int, seed: int = 0) -> np.ndarray:
@@ -131,23 +142,74 @@ def stratified_subsample(labels: np.ndarray, batches: np.ndarray, max_wells: int
     return np.sort(frame.index.to_numpy()[keep])
 
 
-def leiden_nmi_ari(nn, labels: np.ndarray, resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS
-                   ) -> tuple[float, float]:
+def leiden_nmi_ari(nn, labels: np.ndarray, resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS,
+                   seed: int = 42) -> tuple[float, float]:
     """scib-metrics' Leiden NMI/ARI with its resolution search on ``resolutions``: the best NMI, and the
-    ARI at that resolution (scib-metrics' ``nmi_ari_cluster_labels_leiden`` over its own grid)."""
+    ARI at that resolution (scib-metrics' ``nmi_ari_cluster_labels_leiden`` over its own grid, seed 42).
+
+    scib-metrics' ``_compute_clustering_leiden`` builds the igraph graph from the connectivities (a
+    Python loop over every edge) for each resolution; here it is built once, with its calls, and its
+    clustering call runs at each resolution from the same random state: the same clusters."""
+    import random
+
+    import igraph
+    from sklearn.metrics.cluster import adjusted_rand_score, normalized_mutual_info_score
+
+    graph = igraph.Graph.Weighted_Adjacency(nn.knn_graph_connectivities, mode="directed")
+    graph.to_undirected(mode="each")
+    out = []
+    for resolution in resolutions:
+        igraph.set_random_number_generator(random.Random(seed))
+        clusters = np.asarray(graph.community_leiden(objective_function="modularity", weights="weight",
+                                                     resolution=resolution).membership)
+        out.append((normalized_mutual_info_score(labels, clusters, average_method="arithmetic"),
+                    adjusted_rand_score(labels, clusters)))
+    best = int(np.argmax([nmi for nmi, _ in out]))  # first of the ties, as scib-metrics' argmax
+    return float(out[best][0]), float(out[best][1])
+
+
+class _Connectivities:
+    """What scib-metrics' ``kbet_per_label`` reads of a ``NeighborsResults`` (its row count and its
+    connectivity graph), for the rows ``rows`` of ``nn``: the graph restricted to those rows and columns."""
+
+    def __init__(self, nn, rows: np.ndarray):
+        self.indices = nn.indices[rows]
+        self.knn_graph_connectivities = nn.knn_graph_connectivities.tocsr()[rows][:, rows]
+
+
+def kbet_labels(codes: np.ndarray, batch_codes: np.ndarray, max_labels: int = KBET_LABELS, seed: int = 0
+                ) -> tuple[np.ndarray, int]:
+    """The label codes kBET scores, sorted, and how many scib-metrics' ``kbet_per_label`` would score (those
+    with ``KBET_MIN_WELLS`` wells or more in two batches or more): all of them, or ``max_labels`` drawn at
+    random from them. Deterministic for a seed."""
+    frame = pd.DataFrame({"label": codes, "batch": batch_codes}).groupby("label")["batch"]
+    scored = ((frame.size() >= KBET_MIN_WELLS) & (frame.nunique() > 1)).pipe(lambda ok: ok.index[ok].to_numpy())
+    if len(scored) <= max_labels:
+        return scored, len(scored)
+    return np.sort(np.random.default_rng(seed).choice(scored, max_labels, replace=False)), len(scored)
+
+
+def kbet_per_label(nn, batch_codes: np.ndarray, codes: np.ndarray, chosen: np.ndarray) -> pd.Series:
+    """scib-metrics' ``kbet_per_label`` value of each label code in ``chosen``, indexed by code (NaN ones
+    dropped: scib-metrics' mean skips them). Only the chosen labels' wells are passed: each label's
+    subgraph, all scib-metrics reads, is unchanged."""
     import scib_metrics
 
-    out = [scib_metrics.nmi_ari_cluster_labels_leiden(nn, labels, optimize_resolution=False, resolution=r)
-           for r in resolutions]
-    best = int(np.argmax([o["nmi"] for o in out]))  # first of the ties, as scib-metrics' argmax
-    return float(out[best]["nmi"]), float(out[best]["ari"])
+    if not len(chosen):
+        return pd.Series(dtype=float)
+    rows = np.flatnonzero(np.isin(codes, chosen))
+    _, values = scib_metrics.kbet_per_label(_Connectivities(nn, rows), batch_codes[rows], codes[rows],
+                                            return_df=True)
+    values = values.set_index("cluster")["kBET"].astype(float).dropna()
+    return pd.Series(values.to_numpy(), index=values.index.to_numpy(int))
 
 
 def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, max_wells: int = SILHOUETTE_WELLS,
                resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS, seed: int = 0,
-               seconds: dict[str, float] | None = None) -> _Parts:
+               seconds: dict[str, float] | None = None, max_kbet_labels: int = KBET_LABELS) -> _Parts:
     """scib-metrics' scores of one cell type's labelled wells, with their per-siRNA decomposition
-    (module docstring: one neighbour graph, silhouettes on a subsample of ``max_wells``)."""
+    (module docstring: one neighbour graph, silhouettes on a subsample of ``max_wells``, kBET on at
+    most ``max_kbet_labels`` siRNAs)."""
     scib = _need_scib()
     from scib_metrics.metrics._isolated_labels import _get_isolated_labels
     from scib_metrics.utils import silhouette_samples
@@ -171,8 +233,8 @@ def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, max_wells
     per_label: dict[str, pd.Series] = {}
     fixed["graph connectivity"] = float(scib.graph_connectivity(nn, codes))
     lap("graph connectivity")
-    _, kbet = scib.kbet_per_label(nn, batch_codes, codes, return_df=True)
-    kbet = kbet.set_index("cluster")["kBET"].astype(float).dropna()  # scib's nanmean skips them
+    chosen, scoreable = kbet_labels(codes, batch_codes, max_kbet_labels, seed)
+    kbet = kbet_per_label(nn, batch_codes, codes, chosen)
     per_label["kBET"] = pd.Series(kbet.to_numpy(), index=names[kbet.index.to_numpy(int)])
     lap("kBET")
     fixed["Leiden NMI"], fixed["Leiden ARI"] = leiden_nmi_ari(nn, codes, resolutions)
@@ -190,7 +252,7 @@ def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, max_wells
     lap("silhouette label, isolated labels")
     per_label["silhouette batch"] = _silhouette_batch_per_label(x, codes, batch_codes, names)
     lap("silhouette batch")
-    return _Parts(len(x), fixed, per_label, lisi)
+    return _Parts(len(x), fixed, per_label, lisi, (len(chosen), scoreable))
 
 
 def _silhouette_batch_per_label(x: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, names: np.ndarray
@@ -345,7 +407,8 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
                      controls: str = "within", genes: pd.DataFrame | None = None, null_size: int = 1000,
                      bootstrap: int = 200, seed: int = 0, source=None,
                      progress: Callable[[int, int], None] | None = None, max_wells: int = SILHOUETTE_WELLS,
-                     resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS) -> PanelResult:
+                     resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS, max_kbet_labels: int = KBET_LABELS
+                     ) -> PanelResult:
     """Correct with each method and score every output on the panel's metrics (module docstring)."""
     _need_scib()
     labelled = (meta["label"] != "").to_numpy()
@@ -354,6 +417,7 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
     seconds: dict[str, float] = {}
     corrected: dict[str, np.ndarray] = {}
     sampled: dict[str, tuple[int, int]] = {}  # cell type -> (wells in the silhouettes, labelled wells)
+    kbet_sampled: dict[str, tuple[int, int]] = {}  # cell type -> (siRNAs in kBET, siRNAs scib-metrics scores)
     steps = len(methods) * (1 + len(cell_types))
     done = 0
     for method in methods:
@@ -372,7 +436,8 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
             if sub["experiment"].nunique() < 2:
                 continue
             labels, batches = sub["label"].to_numpy(), sub["experiment"].to_numpy()
-            part = scib_parts(z[rows], labels, batches, max_wells, resolutions, seed, steps_seconds)
+            part = scib_parts(z[rows], labels, batches, max_wells, resolutions, seed, steps_seconds, max_kbet_labels)
+            kbet_sampled[cell_type] = part.kbet_labels
             sampled[cell_type] = (min(len(sub), len(stratified_subsample(labels, batches, max_wells, seed))), len(sub))
             t = time.perf_counter()
             part.fixed["consistency mAP"] = consistency_map(sub, z[rows], genes, null_size)
@@ -399,15 +464,21 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
                                                            "label"].unique(), bootstrap, seed)
     seconds["bootstrap of the ranks"] = time.perf_counter() - start
     table["rank 95% low"], table["rank 95% high"] = low, high
-    return PanelResult(table, seconds, corrected, _note(sampled, resolutions, seed))
+    return PanelResult(table, seconds, corrected, _note(sampled, resolutions, seed, kbet_sampled))
 
 
-def _note(sampled: dict[str, tuple[int, int]], resolutions: tuple[float, ...], seed: int) -> str:
+def _note(sampled: dict[str, tuple[int, int]], resolutions: tuple[float, ...], seed: int,
+          kbet_sampled: dict[str, tuple[int, int]] | None = None) -> str:
     """One line saying which scores come from a subsample, and Leiden's resolutions."""
     cut = {cell_type: counts for cell_type, counts in sampled.items() if counts[0] < counts[1]}
     where = ("silhouette label and isolated labels on every labelled well" if not cut else
              "silhouette label and isolated labels on a stratified subsample (seed " + str(seed) + ") of "
              + ", ".join(f"{used:,} of {total:,} {cell_type} wells" for cell_type, (used, total) in cut.items()))
+    cut = {cell_type: counts for cell_type, counts in (kbet_sampled or {}).items() if counts[0] < counts[1]}
+    if cut:
+        where += ("; kBET on a random (seed " + str(seed) + ") " + ", ".join(
+            f"{used:,} of the {total:,} {cell_type} siRNAs scib-metrics scores" for cell_type, (used, total)
+            in cut.items()))
     return f"panel: {where}; Leiden at resolutions {', '.join(f'{r:g}' for r in resolutions)}"
 
 
