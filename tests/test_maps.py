@@ -309,6 +309,10 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
     distances, indices = NearestNeighbors(n_neighbors=ours.n_neighbors).fit(x).kneighbors(x)
     np.testing.assert_allclose(ours.distances, distances, atol=1e-4)
     assert (np.sort(ours.indices, 1) == np.sort(indices, 1)).all()
+    blocks = neighbours(x, block=16)  # seven row blocks: each pair of blocks multiplied once
+    np.testing.assert_allclose(blocks.distances, distances, atol=1e-4)
+    assert (np.sort(blocks.indices, 1) == np.sort(indices, 1)).all()
+    assert (blocks.indices[:, 0] == np.arange(len(x))).all()  # self first
     # scib-metrics on our neighbours (the same input: float32 distances move Leiden's graph otherwise)
     nn = NeighborsResults(indices=ours.indices, distances=ours.distances)
     parts = scib_parts(x, labels, batches, max_wells=len(x))
