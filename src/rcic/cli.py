@@ -824,10 +824,13 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr (exit 2), Ctrl-C exit 130; bugs keep a traceback."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+    from rcic import interrupts
     from rcic.atomic import describe_os_error
 
+    interrupts.install()
     try:
         code = app(standalone_mode=False)
+        interrupts.check()  # a Ctrl-C that a finalizer swallowed still ends as an interruption
     except RcicError as err:
         _fail(str(err), err.exit_code)
     except NoArgsIsHelpError as err:

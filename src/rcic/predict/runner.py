@@ -16,12 +16,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
+from rcic import interrupts
 from rcic.data.augment import TTA_SETS
 from rcic.data.dataset import DOMAINS, PREDICT_SPLITS, RxRxDataModule
 from rcic.errors import DataError, RcicError
 from rcic.predict.logits import Logits
 from rcic.store.source import ImageSource
-from rcic.training.callbacks import WellPredictionWriter
+from rcic.training.callbacks import InterruptCallback, WellPredictionWriter
 from rcic.training.fit import distribution, resolve_channels_last, resolve_precision
 from rcic.training.module import RcicTask
 
@@ -139,7 +140,7 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
     task.channels_last = resolve_channels_last(recipe)
     writer = WellPredictionWriter(progress)
     trainer = L.Trainer(accelerator=accelerator, precision=resolve_precision(precision), logger=False,
-                        callbacks=[writer], enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[writer, InterruptCallback()], enable_progress_bar=False, enable_model_summary=False,
                         **distribution(devices))
     try:
         with warnings.catch_warnings():
@@ -148,7 +149,7 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
             warnings.filterwarnings("ignore", message=r"You are using a custom batch sampler")
             trainer.predict(task, dataloaders=loader, return_predictions=False)
     except SystemExit:
-        if trainer.interrupted:
+        if trainer.interrupted or interrupts.pending():
             raise KeyboardInterrupt from None
         raise
     out = writer.collect(trainer)

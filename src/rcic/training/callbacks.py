@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from rcic import interrupts
 from rcic.atomic import atomic_path, atomic_write_text
 
 FULL_DISK_BYTES = 256 << 20  # a failed checkpoint write with less free than this is a full disk
@@ -123,6 +124,22 @@ class RunCSVLogger(CSVLogger):
                 path.unlink(missing_ok=True)
             self._experiment = _ResumedWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class InterruptCallback(L.Callback):
+    """Once a batch: stop on a Ctrl-C that a finalizer swallowed (``rcic.interrupts``)."""
+
+    def on_train_batch_end(self, *args) -> None:
+        interrupts.check()
+
+    def on_validation_batch_end(self, *args) -> None:
+        interrupts.check()
+
+    def on_predict_batch_end(self, *args) -> None:
+        interrupts.check()
+
+    def on_train_epoch_end(self, *args) -> None:
+        interrupts.check()
 
 
 class CurvesCallback(L.Callback):

@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from rcic import interrupts
 from rcic.atomic import atomic_path, atomic_write_text
 from rcic.config import Recipe, dump_recipe, load_recipe
 from rcic.data.dataset import RxRxDataModule
@@ -49,6 +50,7 @@ from rcic.training.callbacks import (
     AtomicCheckpointIO,
     CurvesCallback,
     DdpAgreementCallback,
+    InterruptCallback,
     RunCSVLogger,
     StepCheckpoint,
 )
@@ -381,7 +383,7 @@ def _fit(source: ImageSource, recipe: Recipe, run_dir: Path, resume: bool, devic
         logger=[RunCSVLogger(run_dir, resume=last is not None),
                 TensorBoardLogger(run_dir, name="tb", version="")],
         callbacks=[*checkpoints, CurvesCallback(run_dir), DdpAgreementCallback(run_dir), *bars,
-                   *(extra_callbacks or [])],
+                   *(extra_callbacks or []), InterruptCallback()],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # EpochSampler splits by rank itself (same order after a resume)
         deterministic=cpu,
@@ -406,7 +408,7 @@ def _fit(source: ImageSource, recipe: Recipe, run_dir: Path, resume: bool, devic
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=str(last) if last else None)
     except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1): keep it an interruption (exit 130)
+        if trainer.interrupted or interrupts.pending():  # Lightning turns Ctrl-C into exit(1): keep it exit 130
             raise KeyboardInterrupt from None
         raise
     finally:
