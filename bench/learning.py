@@ -217,14 +217,16 @@ def compare_choices(out: Path, sets: list[str], alternatives: list[str]) -> str:
     for name in sets:
         folder, source, answers = make_set(name, out)
         for choice in ["cpu-demo", *alternatives]:
-            run_dir = folder / ("fold0" if choice == "cpu-demo" else "fold0-" + choice.replace("=", "-"))
-            overrides = ["data.folds=3", "data.fold=0"] + ([] if choice == "cpu-demo" else [choice])
+            tag = choice.replace("=", "-").replace(";", "+")
+            run_dir = folder / ("fold0" if choice == "cpu-demo" else "fold0-" + tag)
+            overrides = ["data.folds=3", "data.fold=0"] + ([] if choice == "cpu-demo" else choice.split(";"))
             run, seconds, best = train(source, run_dir, overrides)
             logits = test_logits([run], source, run_dir.parent / f"{run_dir.name}.test.npz")
-            _, leak = cli_accuracy(folder / "store.zarr", logits, answers)
+            argmax, leak = cli_accuracy(folder / "store.zarr", logits, answers)
             rows.append({"set": name, "recipe": choice, "fold0 val/acc": best.get("val/acc"),
-                         "fold0 val/acc_leak": best.get("val/acc_leak"), "fold0 test+leak": leak,
-                         "cpu s": round(seconds)})
+                         "fold0 val/acc_leak": best.get("val/acc_leak"), "fold0 test": argmax,
+                         "fold0 test+leak": leak, "cpu s": round(seconds),
+                         "seconds": round(float((run / "seconds.txt").read_text()))})
     text = "cpu-demo against single changes, fold 0 of each set:\n\n" + markdown(pd.DataFrame(rows)) + "\n"
     (out / "choices.md").write_text(text)
     return text
@@ -241,7 +243,7 @@ def main() -> None:
                     help="techniques combined in the ablation")
     ap.add_argument("--only", default="", help="ablation: these techniques only (comma-separated; 'combined' too)")
     ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
-                    help="compare cpu-demo with this single change on fold 0 of every set")
+                    help="compare cpu-demo with this change on fold 0 of every set (several keys: KEY=VALUE;KEY=VALUE)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sets = args.sets.split(",")

@@ -17,6 +17,7 @@ import signal
 import sys
 
 _pending = False
+_previous_hook = sys.unraisablehook
 
 
 def _on_sigint(signum, frame) -> None:
@@ -30,14 +31,17 @@ def _on_unraisable(info) -> None:
     if isinstance(info.exc_value, KeyboardInterrupt):
         _pending = True  # check() raises it again where it can propagate
         return
-    sys.__unraisablehook__(info)
+    _previous_hook(info)
 
 
 def install() -> None:
-    """Record every Ctrl-C; a no-op where SIGINT is ignored (a background job) or handled by someone else."""
+    """Record every Ctrl-C (SIGINT is left alone where it is ignored, a background job, or handled by someone
+    else) and every KeyboardInterrupt a finalizer swallowed."""
+    global _previous_hook
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _on_unraisable
+    if sys.unraisablehook is not _on_unraisable:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _on_unraisable
 
 
 def pending() -> bool:
