@@ -102,9 +102,11 @@ def check_controls(meta: pd.DataFrame, x: np.ndarray, method: str, controls: str
                         f"({len(short)} experiment(s) short; try --controls all or within)", source)
 
 
-def correct(meta: pd.DataFrame, x: np.ndarray, method: str, source=None, controls: str = "negative") -> np.ndarray:
+def correct(meta: pd.DataFrame, x: np.ndarray, method: str, source=None, controls: str = "negative",
+            pcs: np.ndarray | None = None) -> np.ndarray:
     """Corrected embeddings (wells x features; ``pca``, ``harmony`` and ``scanorama`` return
-    ``HARMONY_COMPONENTS`` dimensions)."""
+    ``HARMONY_COMPONENTS`` dimensions). ``pcs``: ``principal_components(x)`` when already computed (the
+    panel computes them once for ``pca`` and ``harmony``: an SVD of every well)."""
     if method not in METHODS:
         raise DataError(f"unknown correction {method!r}; choose from {', '.join(METHODS)}")
     if controls not in CONTROLS:
@@ -115,7 +117,7 @@ def correct(meta: pd.DataFrame, x: np.ndarray, method: str, source=None, control
         case "none":
             return x
         case "pca":
-            return principal_components(x)
+            return principal_components(x) if pcs is None else pcs.copy()
         case "center":
             return _per_experiment(meta, x, controls, lambda xe, re: xe - re.mean(0))
         case "standardize":
@@ -125,7 +127,7 @@ def correct(meta: pd.DataFrame, x: np.ndarray, method: str, source=None, control
         case "tvn":
             return typical_variation_normalization(meta, x, controls)
         case "harmony":
-            return _harmony(meta, x)
+            return _harmony(meta, x, None if pcs is None else pcs.copy())
         case "combat":
             return _combat(meta, x)
         case "scanorama":
@@ -196,10 +198,10 @@ def principal_components(x: np.ndarray, k: int = HARMONY_COMPONENTS) -> np.ndarr
     return u[:, :k] * s[:k]
 
 
-def _harmony(meta: pd.DataFrame, x: np.ndarray) -> np.ndarray:
+def _harmony(meta: pd.DataFrame, x: np.ndarray, pcs: np.ndarray | None = None) -> np.ndarray:
     import harmonypy
 
-    pcs = principal_components(x)
+    pcs = principal_components(x) if pcs is None else pcs
     batches = meta[["experiment"]].reset_index(drop=True)
     if batches["experiment"].nunique() < 2:
         return pcs

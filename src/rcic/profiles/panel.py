@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from rcic.errors import DataError
-from rcic.profiles.correct import PANEL_METHODS, correct
+from rcic.profiles.correct import PANEL_METHODS, correct, principal_components
 
 BATCH_METRICS = ("silhouette batch", "iLISI", "kBET", "graph connectivity")
 BIO_METRICS = ("replicate mAP", "consistency mAP", "Leiden NMI", "Leiden ARI", "silhouette label", "cLISI",
@@ -416,9 +416,30 @@ def consistency_map(meta: pd.DataFrame, x: np.ndarray, genes: pd.DataFrame | Non
     return float(per_gene["mean_average_precision"].mean())
 
 
-def _scores(parts: list[_Parts], maps: list[pd.Series], counts: pd.Series | None = None) -> dict[str, float]:
+class _Draws:
+    """How often each label is drawn in a bootstrap resample, looked up by a series' label index. The
+    positions of each index among the labels are found once and reused by every resample (pandas'
+    ``reindex`` per metric, cell type, method and resample took most of the bootstrap's time)."""
+
+    def __init__(self, labels: pd.Index, counts: np.ndarray):
+        self.labels, self.counts = labels, np.asarray(counts, float)
+        self._positions: dict[int, tuple[pd.Index, np.ndarray]] = {}
+
+    def weights(self, index: pd.Index) -> np.ndarray:
+        """The draws of each entry of ``index`` (0 for a label not drawn)."""
+        cached = self._positions.get(id(index))
+        if cached is None or cached[0] is not index:  # the index is kept: its id cannot be reused meanwhile
+            cached = self._positions[id(index)] = (index, self.labels.get_indexer(index))
+        positions = cached[1]
+        return np.where(positions >= 0, self.counts[positions], 0.0)
+
+
+def _scores(parts: list[_Parts], maps: list[pd.Series], counts: pd.Series | _Draws | None = None
+            ) -> dict[str, float]:
     """Metric values over cell types (weighted by wells); ``counts``: how often each siRNA is drawn in a
     bootstrap resample (None: the data as they are)."""
+    if isinstance(counts, pd.Series):
+        counts = _Draws(counts.index, counts.to_numpy(float))
     values: dict[str, float] = {}
     weights = np.array([p.wells for p in parts], float)
 
@@ -427,7 +448,7 @@ def _scores(parts: list[_Parts], maps: list[pd.Series], counts: pd.Series | None
             return None
         if counts is None:
             return float(series.mean())
-        w = counts.reindex(series.index, fill_value=0).to_numpy(float)
+        w = counts.weights(series.index)
         return float((series.to_numpy() * w).sum() / w.sum()) if w.sum() else None
 
     for metric in ("kBET", "silhouette label", "silhouette batch"):
@@ -436,7 +457,7 @@ def _scores(parts: list[_Parts], maps: list[pd.Series], counts: pd.Series | None
         scores = []
         for p in parts:
             lisi, count = p.lisi[metric]
-            w = None if counts is None else counts.reindex(lisi.index, fill_value=0).to_numpy(float)
+            w = None if counts is None else counts.weights(lisi.index)
             scores.append(_lisi_score(metric, _weighted_median(lisi.to_numpy(), w), count))
         values[metric] = _weighted(scores, weights)
     for metric in ("graph connectivity", "Leiden NMI", "Leiden ARI", "isolated labels", "consistency mAP"):
@@ -492,9 +513,12 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
     kbet_sampled: dict[str, tuple[int, int]] = {}  # cell type -> (siRNAs in kBET, siRNAs scib-metrics scores)
     steps = len(methods) * (1 + len(cell_types))
     done = 0
+    pcs = None  # pca and harmony start from the same principal components: one SVD
     for method in methods:
         start = time.perf_counter()
-        z = correct(meta, x, method, source, controls)
+        if method in ("pca", "harmony") and pcs is None:
+            pcs = principal_components(np.asarray(x, np.float64))
+        z = correct(meta, x, method, source, controls, pcs=pcs if method in ("pca", "harmony") else None)
         corrected[method] = z
         seconds[f"{method}: correction"] = time.perf_counter() - start
         done += 1
@@ -564,10 +588,12 @@ def _bootstrap_ranks(parts_by_method: dict, sirnas: np.ndarray, bootstrap: int, 
     ranks = np.empty((bootstrap, len(methods)))
     controls = sorted({label for parts, _ in parts_by_method.values() for p in parts
                        for label in p.per_label["silhouette label"].index.unique()} - set(sirnas))
+    # controls are no siRNA under study: kept once in every resample
+    draws = _Draws(pd.Index(list(sirnas) + controls), np.concatenate([np.zeros(len(sirnas)), np.ones(len(controls))]))
     for b in range(bootstrap):
-        drawn = pd.Series(rng.choice(sirnas, len(sirnas))).value_counts()
-        counts = pd.concat([drawn, pd.Series(1, index=controls)])  # controls are no siRNA under study: kept
-        overall = [aggregate(_scores(*parts_by_method[m], counts=counts))[2] for m in methods]
+        # rng.choice(sirnas, n) draws these same positions (rng.integers(0, n, n)), without the strings
+        draws.counts[:len(sirnas)] = np.bincount(rng.choice(len(sirnas), len(sirnas)), minlength=len(sirnas))
+        overall = [aggregate(_scores(*parts_by_method[m], counts=draws))[2] for m in methods]
         ranks[b] = pd.Series(overall).rank(ascending=False, method="min").to_numpy()
     return (np.quantile(ranks, 0.025, axis=0).round().astype(int).tolist(),
             np.quantile(ranks, 0.975, axis=0).round().astype(int).tolist())
