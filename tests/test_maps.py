@@ -429,6 +429,37 @@ def test_replicate_map_against_negative_controls_by_hand():
     assert result["s"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
+def test_bootstrap_draws_are_the_siRNA_resamples():
+    """The bootstrap's positional draws are rng.choice(siRNAs) counted per label, controls kept once:
+    the ranks equal those from pandas' counts of the drawn names."""
+    from rcic.profiles.panel import _bootstrap_ranks, _Parts, _scores, aggregate
+
+    rng = np.random.default_rng(5)
+    sirnas = np.array([f"s{i}" for i in range(12)], dtype=object)
+    wells = np.concatenate([np.repeat(sirnas, 3), ["neg"] * 4])
+
+    def parts(shift):
+        def per_label():
+            return pd.Series(rng.random(12) + shift, index=sirnas)
+
+        return [_Parts(len(wells), {"graph connectivity": 0.5}, {"kBET": per_label(), "silhouette batch": per_label(),
+                                                               "silhouette label": pd.Series(rng.random(len(wells)),
+                                                                                             index=wells)},
+                       {"iLISI": (pd.Series(1 + rng.random(len(wells)), index=wells), 3),
+                        "cLISI": (pd.Series(1 + rng.random(len(wells)), index=wells), 13)})], [per_label()]
+
+    by_method = {"a": parts(0.0), "b": parts(0.05), "c": parts(0.1)}
+    low, high = _bootstrap_ranks(by_method, sirnas, 30, seed=3)
+    draw, ranks = np.random.default_rng(3), []
+    for _ in range(30):
+        counts = pd.concat([pd.Series(draw.choice(sirnas, len(sirnas))).value_counts(), pd.Series(1, index=["neg"])])
+        overall = [aggregate(_scores(*by_method[m], counts=counts))[2] for m in by_method]
+        ranks.append(pd.Series(overall).rank(ascending=False, method="min").to_numpy())
+    assert low == np.quantile(ranks, 0.025, axis=0).round().astype(int).tolist()
+    assert high == np.quantile(ranks, 0.975, axis=0).round().astype(int).tolist()
+    assert low != high  # the resamples do move the ranks
+
+
 def test_aggregate_is_arevalos():
     from rcic.profiles.panel import BATCH_METRICS, BIO_METRICS, aggregate
 

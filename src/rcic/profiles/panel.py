@@ -43,7 +43,10 @@ Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are
 - Leiden at the fixed resolutions ``LEIDEN_RESOLUTIONS`` (scib-metrics searches ten, 0.2-2.0),
   the best NMI and its ARI as scib-metrics picks them, with scib-metrics' fixed seed; the igraph
   graph (which scib-metrics builds from the connectivities in a Python loop per resolution) is
-  built once and clustered at each resolution with scib-metrics' calls: the same clusters.
+  built once and clustered at each resolution with scib-metrics' calls: the same clusters;
+- silhouette batch and graph connectivity without scib-metrics' per-label Python loops, to the same
+  values (tested against scib-metrics): the labels' silhouettes stacked by label size in numpy, and
+  one connected-components pass over the graph's within-label edges.
 
 Every number is deterministic for a seed.
 """
