@@ -352,37 +352,6 @@ def test_panel_metrics_equal_scib_metrics_on_the_same_input():
         full.set_index("cluster")["kBET"].loc[chosen].to_dict())
 
 
-def test_silhouette_batch_per_label_is_scib_metrics_per_label():
-    """The stacked silhouettes equal scib-metrics' ``silhouette_batch`` of each label alone: labels of
-    several sizes (one split over chunks), a well alone in its batch, a label in one batch and one with
-    every well in its own batch (both skipped, as scib-metrics skips them), two identical wells."""
-    import scib_metrics
-
-    from rcic.profiles.panel import _silhouette_batch_per_label
-
-    rng = np.random.default_rng(0)
-    # labels 0-7: 10 wells, two in each of 5 batches; 8-9: 6 wells, batches 3 and 4 a single well each;
-    # 10: one batch; 11: every well its own batch (scib-metrics compiles a silhouette per shape: few shapes)
-    batches = np.concatenate([rng.permutation(np.repeat(np.arange(5), 2)) for _ in range(8)]
-                             + [[0, 0, 1, 1, 3, 4]] * 2 + [[2] * 5, [0, 1, 2, 3]])
-    codes = np.repeat(np.arange(12), [10] * 8 + [6, 6, 5, 4])
-    order = rng.permutation(len(codes))  # labels interleaved, as wells come
-    codes, batches = codes[order], batches[order]
-    x = rng.normal(size=(len(codes), 8)) + batches[:, None] * 0.5
-    twin = np.flatnonzero((codes == 0) & (batches == 0))
-    x[twin[1]] = x[twin[0]]  # two identical wells
-    names = np.array([f"s{c}" for c in range(12)])
-    expected = {}
-    for code in np.unique(codes):
-        rows = codes == code
-        if 1 < len(np.unique(batches[rows])) < rows.sum():
-            expected[names[code]] = float(scib_metrics.silhouette_batch(x[rows], codes[rows], batches[rows]))
-    assert "s10" not in expected and "s11" not in expected and len(expected) == 10
-    for max_entries in (2**22, 300):  # one chunk per label size; a few labels per chunk
-        ours = _silhouette_batch_per_label(x, codes, batches, names, max_entries=max_entries)
-        assert ours.to_dict() == pytest.approx(expected, abs=1e-6)
-
-
 def test_graph_connectivity_is_scib_metrics():
     """One connected-components pass over the within-label edges gives scib-metrics' per-label slices'
     value, on a graph sparse enough that labels split into several components."""

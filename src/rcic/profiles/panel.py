@@ -44,9 +44,8 @@ Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are
   the best NMI and its ARI as scib-metrics picks them, with scib-metrics' fixed seed; the igraph
   graph (which scib-metrics builds from the connectivities in a Python loop per resolution) is
   built once and clustered at each resolution with scib-metrics' calls: the same clusters;
-- silhouette batch and graph connectivity without scib-metrics' per-label Python loops, to the same
-  values (tested against scib-metrics): the labels' silhouettes stacked by label size in numpy, and
-  one connected-components pass over the graph's within-label edges.
+- graph connectivity without scib-metrics' per-label slices of the whole graph, to the same value
+  (tested against scib-metrics): one connected-components pass over the graph's within-label edges.
 
 Every number is deterministic for a seed.
 """
@@ -299,49 +298,18 @@ def scib_parts(x: np.ndarray, labels: np.ndarray, batches: np.ndarray, max_wells
     return _Parts(len(x), fixed, per_label, lisi, (len(chosen), scoreable))
 
 
-def _silhouette_batch_per_label(x: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, names: np.ndarray,
-                                max_entries: int = 2**22) -> pd.Series:
-    """scib-metrics' ``silhouette_batch`` of each label alone (its value is the mean of these), by label name.
+def _silhouette_batch_per_label(x: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, names: np.ndarray
+                                ) -> pd.Series:
+    """scib-metrics' ``silhouette_batch`` of each label alone (its value is the mean of these), by label name."""
+    import scib_metrics
 
-    scib-metrics loops over the labels in Python and runs a jax silhouette per label (a compilation per
-    label size, ~1,100 labels per cell type). Here the labels of one size are stacked and their
-    silhouettes computed together with numpy, as scib-metrics defines them: within each label,
-    the Euclidean distance to the well's own batch (its mean over the other wells of that batch; 0/0
-    for a well alone in its batch, which scib-metrics' ``nan_to_num`` turns into a silhouette of 0) and
-    to the nearest other batch of the label (mean distance); silhouette (b - a) / max(a, b); per well
-    1 - |silhouette|; the label's value is their mean. Labels in one batch, or with every well in its
-    own batch, are skipped as scib-metrics skips them. Equal to scib-metrics to float32 rounding (tested)."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(codes, kind="stable")  # each label's wells contiguous
-    sizes = np.bincount(codes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    n_batches = int(batch_codes.max(initial=0)) + 1
-    values: dict[int, float] = {}
-    for size in np.unique(sizes[sizes > 1]):
-        same_size = np.flatnonzero(sizes == size)
-        per_chunk = max(1, max_entries // int(size * max(size, n_batches)))  # bounds the (labels, m, m) arrays
-        for chunk in np.array_split(same_size, -(-len(same_size) // per_chunk)):
-            wells = order[starts[chunk][:, None] + np.arange(size)]  # (labels, m)
-            xs = x[wells]
-            sq = (xs * xs).sum(2)
-            distances = np.sqrt(np.clip(sq[:, :, None] + sq[:, None, :] - 2 * xs @ xs.transpose(0, 2, 1), 0, None))
-            distances[:, np.arange(size), np.arange(size)] = 0.0
-            batch = batch_codes[wells]
-            member = (batch[:, :, None] == np.arange(n_batches)).astype(np.float64)  # (labels, m, batches)
-            count = member.sum(1)  # wells of each batch in each label
-            to_batch = distances @ member  # summed distance of each well to each batch
-            with np.errstate(invalid="ignore", divide="ignore"):
-                own = np.take_along_axis(to_batch, batch[:, :, None], 2)[:, :, 0]
-                own = own / (np.take_along_axis(count, batch, 1) - 1)
-                mean_to = to_batch / count[:, None, :]
-                mean_to[(count[:, None, :] == 0) | (member > 0)] = np.inf
-                nearest = mean_to.min(2)
-                silhouette = np.nan_to_num((nearest - own) / np.maximum(own, nearest))
-            present = (count > 0).sum(1)
-            keep = (present > 1) & (present < size)
-            values.update(zip(chunk[keep].tolist(), (1 - np.abs(silhouette[keep])).mean(1).tolist()))
-    codes_kept = np.array(sorted(values), dtype=int)
-    return pd.Series([values[c] for c in codes_kept], index=names[codes_kept], dtype=float)
+    values = {}
+    for code, rows in pd.Series(np.arange(len(codes))).groupby(codes).indices.items():
+        n_batches = len(np.unique(batch_codes[rows]))
+        if n_batches == 1 or n_batches == len(rows):  # scib-metrics skips these labels
+            continue
+        values[names[code]] = float(scib_metrics.silhouette_batch(x[rows], codes[rows], batch_codes[rows]))
+    return pd.Series(values, dtype=float)
 
 
 def _lisi_score(metric: str, median: float, count: int) -> float:
