@@ -85,6 +85,7 @@ def test_train_writes_a_complete_run_and_refuses_to_overwrite(tiny_run, tiny_sto
     (["--set", "model.backbone=resnet_not_a_model"], "unknown timm model 'resnet_not_a_model'"),
     (["--set", "data.image_size=64"], "64 px asked, but the data's sites are 32 px"),
     (["--set", "model.pretrained=maybe"], "recipe key model.pretrained"),
+    (["--set", "model.backbone_args={stem_stride: 1}"], "recipe key model.backbone_args: test_resnet rejects them"),
 ])
 def test_bad_training_input_writes_nothing(tiny_store, tmp_path, args, message):
     out = tmp_path / "run"
@@ -149,6 +150,19 @@ def test_pretrained_weights_from_a_local_file_adapt_to_six_channels(tmp_path):
     torch.testing.assert_close(conv[:, 3:], reference.conv1.weight.detach() * 0.5)
     with pytest.raises(RecipeError, match="not available offline"):
         create_backbone(load_recipe("cpu-demo", ["model.backbone=resnet18", "model.pretrained=true"]).model, 6)
+
+
+def test_backbone_args_reach_timm():
+    """``model.backbone_args`` are timm's own: output_stride 8 keeps a 48 px site at 6x6, not 2x2."""
+    from rcic.models.net import create_backbone
+
+    site = torch.zeros(1, 6, 48, 48)
+    plain = create_backbone(load_recipe("cpu-demo").model, 6)
+    dilated = create_backbone(load_recipe("cpu-demo", ["model.backbone_args={output_stride: 8}"]).model, 6)
+    assert plain.forward_features(site).shape[-2:] == (2, 2)
+    assert dilated.forward_features(site).shape[-2:] == (6, 6)
+    with pytest.raises(RecipeError, match="'in_chans' is set by rcic"):
+        create_backbone(load_recipe("cpu-demo", ["model.backbone_args={in_chans: 3}"]).model, 6)
 
 
 def test_same_seed_same_weights_on_cpu(tiny_store, tmp_path):

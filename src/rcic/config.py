@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,6 +81,8 @@ class NeckConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
+    backbone_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for timm.create_model, e.g. {output_stride: 8}")
     pretrained: bool = False
     pretrained_file: str | None = None
     input: Literal["six_channel", "rgb"] = "six_channel"

@@ -66,7 +66,10 @@ def create_backbone(config: ModelConfig, in_chans: int) -> nn.Module:
     """A timm model without classifier; timm adapts a pretrained first conv to ``in_chans``."""
     if not timm.is_model(config.backbone):
         raise RecipeError(f"recipe key model.backbone: unknown timm model {config.backbone!r}")
-    kwargs = {"in_chans": in_chans, "num_classes": 0}
+    reserved = {"in_chans", "num_classes", "pretrained", "pretrained_cfg_overlay"} & set(config.backbone_args)
+    if reserved:
+        raise RecipeError(f"recipe key model.backbone_args: {sorted(reserved)[0]!r} is set by rcic, not the recipe")
+    kwargs = {**config.backbone_args, "in_chans": in_chans, "num_classes": 0}
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     pretrained = config.pretrained or config.pretrained_file is not None
@@ -75,7 +78,13 @@ def create_backbone(config: ModelConfig, in_chans: int) -> nn.Module:
     try:
         with _offline_hub():
             return timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+    except (TypeError, AssertionError) as err:  # an argument this architecture does not take, or a bad value
+        raise RecipeError(f"recipe key model.backbone_args: {config.backbone} rejects them "
+                          f"({type(err).__name__}: {err})") from None
     except (OSError, RuntimeError, ValueError) as err:
+        if config.backbone_args and not pretrained:
+            raise RecipeError(f"recipe key model.backbone_args: {config.backbone} rejects them "
+                              f"({' '.join(str(err).split())[:200]})") from None
         if not pretrained:
             raise
         raise RecipeError(f"recipe key model.pretrained: weights for {config.backbone} are not available offline "
