@@ -163,8 +163,9 @@ def time_map(args) -> None:
         shutil.rmtree(report)
     command = [str(Path(sys.executable).with_name("rcic")), "map", str(path), "--out", str(report),
                "--genes", str(args.out / "genes.csv"), "--relationships", str(args.out / "relationships.csv"),
-               "--json"] + (["--panel", "--bootstrap", str(args.bootstrap)] if args.panel else [])
-    proc, main_thread, loads = _run_sampled(["/usr/bin/time", "-v", *command])
+               "--json"] + (["--panel", "--bootstrap", str(args.bootstrap), "--workers", str(args.workers)]
+                          if args.panel else [])
+    proc, main_thread, loads, workers = _run_sampled(["/usr/bin/time", "-v", *command])
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
     usage = _time_v(proc.stderr)
@@ -176,6 +177,10 @@ def time_map(args) -> None:
           f"peak RSS {usage['Maximum resident set size (kbytes)'] / 2**20:.1f} GiB (goal at 62,755 wells: < {goal} s)")
     print(f"  main thread CPU {main_thread:.0f} s (serial: a lower bound on the wall on any number of idle cores; "
           f"sampled every 5 s), load average {min(loads):.1f}-{max(loads):.1f} (median {np.median(loads):.1f})")
+    busy = sorted((cpu for cpu in workers.values() if cpu >= 1), reverse=True)  # the pool's workers, not helpers
+    if busy:
+        print(f"  worker processes CPU {', '.join(f'{cpu:.0f}' for cpu in busy)} s (one thread each): on 2 idle cores "
+              f"the wall is about the main thread's + the busiest worker's, {main_thread + busy[0]:.0f} s")
     for line in proc.stderr.splitlines():
         if line.startswith("panel:"):
             print(line)
@@ -188,11 +193,19 @@ def time_map(args) -> None:
         map_steps(wells, x, genes, pairs)
 
 
-def _run_sampled(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, list[float]]:
-    """Run ``/usr/bin/time -v COMMAND``, sampling every 5 s the CPU seconds of COMMAND's main thread
-    (``/proc``: it exits before time reports, so the last sample, at most 5 s old) and the load average."""
+def _cpu_seconds(pid: str, task: str | None = None) -> float:
+    """utime + stime of a process (or of one of its threads) from ``/proc``."""
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_sampled(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, list[float], dict[str, float]]:
+    """Run ``/usr/bin/time -v COMMAND``, sampling every 5 s the CPU seconds of COMMAND's main thread and of
+    each of its child processes (``--panel``'s workers; ``/proc``: they exit before time reports, so the last
+    sample, at most 5 s old) and the load average."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    main_thread, loads, out = 0.0, [], None
+    main_thread, loads, out, workers = 0.0, [], None, {}
     while out is None:
         try:
             out = proc.communicate(timeout=5)
@@ -200,11 +213,14 @@ def _run_sampled(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, l
             loads.append(os.getloadavg()[0])
             try:
                 child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-                fields = Path(f"/proc/{child}/task/{child}/stat").read_text().rpartition(")")[2].split()
-                main_thread = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                main_thread = _cpu_seconds(child, child)
+                for task in os.listdir(f"/proc/{child}/task"):
+                    for pid in Path(f"/proc/{child}/task/{task}/children").read_text().split():
+                        workers[pid] = max(workers.get(pid, 0.0), _cpu_seconds(pid))
             except (OSError, IndexError):
                 pass
-    return subprocess.CompletedProcess(argv, proc.returncode, *out), main_thread, loads or [os.getloadavg()[0]]
+    return (subprocess.CompletedProcess(argv, proc.returncode, *out), main_thread, loads or [os.getloadavg()[0]],
+            workers)
 
 
 def _time_v(stderr: str) -> dict[str, float]:
@@ -254,6 +270,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "map_speed")
     ap.add_argument("--panel", action="store_true", help="time rcic map --panel instead")
     ap.add_argument("--bootstrap", type=int, default=200, help="siRNA resamples of the panel's rank intervals")
+    ap.add_argument("--workers", type=int, default=2, help="rcic map --panel's worker processes")
     ap.add_argument("--steps", action="store_true", help="also time the default map's steps in process")
     ap.add_argument("--controls-study", action="store_true", help="score the --controls choices")
     args = ap.parse_args()

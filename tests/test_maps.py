@@ -449,3 +449,65 @@ def test_map_html_shows_the_panel_as_a_heat_table(tmp_path):
     assert "harmony" in rows[0] and "none" in rows[1]  # best overall first
     assert "rgb(49,130,189)" not in rows[1] and "1 (1-2)" in rows[0] and "2 (2-2)" in rows[1]
     assert rows[0].count("<td") == len(PANEL_SCORE_COLUMNS) + 2  # name, every metric, rank
+
+
+
+def test_panel_scores_the_phenomic_map_in_its_jobs(tmp_path):
+    """rcic map --panel scores each correction's phenomic map in the job that corrects it: the same
+    scores as rcic map without --panel; the panel's rows in the order asked for."""
+    from rcic.profiles.panel import panel_jobs
+
+    # pca and harmony share one job (one SVD), the longest first
+    assert panel_jobs(["none", "center", "pca", "harmony"]) == [("pca", "harmony"), ("center",), ("none",)]
+    meta, x = _plates(n_experiments=2, treatments=6, negatives=4, dims=6, batch=1.0)  # no siRNA with 10 wells:
+    path = tmp_path / "e.parquet"                                                    # no kBET, no numba compile
+    write_embeddings(path, embedding_frame(meta, x))
+    pd.DataFrame({"label": [f"s{k}" for k in range(6)], "gene": ["G0", "G0", "G1", "G1", "G2", "G2"]}).to_csv(
+        tmp_path / "genes.csv", index=False)
+    pd.DataFrame({"gene_a": ["G0"], "gene_b": ["G1"]}).to_csv(tmp_path / "pairs.csv", index=False)
+    common = ["--genes", tmp_path / "genes.csv", "--relationships", tmp_path / "pairs.csv", "--correct", "none",
+              "--correct", "center", "--correct", "pca", "--correct", "harmony", "--null-size", "100"]
+    run_cli("map", path, "--out", tmp_path / "panel", "--panel", "--workers", "1", "--bootstrap", "20", *common)
+    run_cli("map", path, "--out", tmp_path / "map", *common)
+    panel, alone = (json.loads((tmp_path / name / "scores.json").read_text()) for name in ("panel", "map"))
+    assert panel == alone and list(panel) == ["none", "center", "pca", "harmony"]
+    assert list(pd.read_csv(tmp_path / "panel" / "panel.csv")["correction"]) == ["none", "center", "pca", "harmony"]
+
+
+def _worker_report(job):
+    """A panel job that reports where it ran: (job, process, torch threads, wells the worker holds). Each
+    job waits (up to 60 s) until both workers have one, so that a worker that starts first cannot take all."""
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from rcic.profiles.panel import _WORKER
+
+    meeting = Path(os.environ["RCIC_TEST_MEETING"])
+    (meeting / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(meeting.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [(job, os.getpid(), torch.get_num_threads(), len(_WORKER["x"]))]
+
+
+def test_panel_workers_share_the_jobs_one_thread_each(tmp_path, monkeypatch):
+    """--workers 2: two spawned processes hold the wells, share the jobs, and keep to their
+    share of the cores (no four threads on two cores)."""
+    import os
+
+    from rcic.profiles.panel import _run_jobs, _Settings, panel_jobs
+
+    monkeypatch.setenv("RCIC_TEST_MEETING", str(tmp_path))  # the spawned workers inherit it
+    meta, x = _plates(n_experiments=2, dims=3)
+    jobs = panel_jobs(["none", "tvn", "pca", "harmony", "combat"])
+    ticks = []
+    settings = _Settings("within", None, 100, 0, None, 100, (1.0,), 10, None)
+    results = [r for rs in _run_jobs(meta, x, jobs, settings, 2, ticks.append, job_fn=_worker_report) for r in rs]
+    assert sorted(job for job, *_ in results) == sorted(jobs)
+    assert len({pid for _, pid, _, _ in results}) == 2 and os.getpid() not in {pid for _, pid, _, _ in results}
+    assert {threads for _, _, threads, _ in results} == {max(1, os.cpu_count() // 2)}
+    assert {wells for *_, wells in results} == {len(x)}
+    assert sum(ticks) == len(jobs) * 2  # each method's correction and its one cell type

@@ -617,6 +617,8 @@ def map_(
     panel: Annotated[bool, typer.Option(help="Score every correction on the field's batch and bio metrics "
                                              "(scib-metrics, copairs; rcic[panel])")] = False,
     bootstrap: Annotated[int, typer.Option(help="siRNA resamples behind the panel's rank intervals", min=0)] = 200,
+    workers: Annotated[int, typer.Option(help="Worker processes of --panel (each corrects and scores whole "
+                                              "corrections; results do not depend on it)", min=1)] = 2,
     genes: Annotated[Path | None, typer.Option(help="siRNA -> gene table (CSV: label,gene); without it the "
                                                    "labels are gene symbols")] = None,
     relationships: Annotated[str | None, typer.Option(help="Known gene pairs: corum, humap, reactome, signor, "
@@ -664,12 +666,14 @@ def map_(
         if panel:
             from rcic.profiles.panel import correction_panel
 
+            # the phenomic map of each correction is scored in the panel's job that corrects it
             panel_result = correction_panel(meta, x, methods, controls, gene_table, null_size=null_size,
-                                            bootstrap=bootstrap, source=embeddings, progress=update)
-            panel_table = panel_result.table
-        result = phenomic_map(meta, x, methods, gene_table, pairs, null_size=null_size, probe=probe,
-                              source=embeddings, progress=update, controls=controls,
-                              corrected=panel_result.corrected if panel else None)
+                                            bootstrap=bootstrap, source=embeddings, progress=update,
+                                            workers=workers, phenomic={"relationships": pairs, "probe": probe})
+            panel_table, result = panel_result.table, panel_result.phenomic
+        else:
+            result = phenomic_map(meta, x, methods, gene_table, pairs, null_size=null_size, probe=probe,
+                                  source=embeddings, progress=update, controls=controls)
     write_map_report(out, meta, result.scores, result.corrected, str(embeddings), panel=panel_table,
                      controls=controls)
     atomic_write_text(out / "scores.json", json.dumps(result.scores, indent=2))

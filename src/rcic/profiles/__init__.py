@@ -104,23 +104,32 @@ def phenomic_map(meta: pd.DataFrame, x: np.ndarray, methods: list[str], genes: p
         start = time.perf_counter()
         z = corrected[method] if corrected and method in corrected else correct(meta, x, method, source, controls)
         tick()
-        similarity = similarity_scores(meta, z)
-        tick()
-        mean_ap, fraction, per_sirna = map_from_average_precision(similarity.average_precision, null_size)
-        leakage, expected = similarity.batch_leakage, similarity.batch_leakage_expected
-        tick()
-        recall, interval, pairs = (None, None, 0)
-        if genes is not None and relationships is not None:
-            recall, interval, pairs = known_recall(meta, z, genes, relationships)
-        tick()
-        probe_acc = probe_accuracy(meta, z) if probe else None
-        tick()
-        result.scores[method] = {
-            "replicate_map": mean_ap, "replicate_fraction": fraction, "batch_leakage": leakage,
-            "batch_leakage_expected": expected, "known_recall": recall,
-            "known_recall_ci": list(interval) if interval else None, "known_pairs": pairs, "probe_acc": probe_acc,
-        }
+        scores, per_sirna = score_correction(meta, z, genes, relationships, null_size, probe, tick)
+        result.scores[method] = scores
         result.corrected[method] = z
         result.per_sirna[method] = per_sirna
         result.seconds[method] = time.perf_counter() - start
     return result
+
+
+def score_correction(meta: pd.DataFrame, z: np.ndarray, genes: pd.DataFrame | None = None,
+                     relationships: pd.DataFrame | None = None, null_size: int = NULL_SIZE, probe: bool = True,
+                     tick: Callable[[], None] | None = None) -> tuple[dict, pd.DataFrame]:
+    """One correction's row of the phenomic map (``phenomic_map``): (the --json object's entries, the
+    per-siRNA mAP table); ``tick`` after each of its four steps."""
+    tick = tick or (lambda: None)
+    similarity = similarity_scores(meta, z)
+    tick()
+    mean_ap, fraction, per_sirna = map_from_average_precision(similarity.average_precision, null_size)
+    leakage, expected = similarity.batch_leakage, similarity.batch_leakage_expected
+    tick()
+    recall, interval, pairs = (None, None, 0)
+    if genes is not None and relationships is not None:
+        recall, interval, pairs = known_recall(meta, z, genes, relationships)
+    tick()
+    probe_acc = probe_accuracy(meta, z) if probe else None
+    tick()
+    return {"replicate_map": mean_ap, "replicate_fraction": fraction, "batch_leakage": leakage,
+            "batch_leakage_expected": expected, "known_recall": recall,
+            "known_recall_ci": list(interval) if interval else None, "known_pairs": pairs,
+            "probe_acc": probe_acc}, per_sirna

@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from rcic.errors import DataError
-from rcic.profiles.correct import PANEL_METHODS, correct, principal_components
+from rcic.profiles.correct import PANEL_METHODS, check_controls, correct, principal_components
 
 BATCH_METRICS = ("silhouette batch", "iLISI", "kBET", "graph connectivity")
 BIO_METRICS = ("replicate mAP", "consistency mAP", "Leiden NMI", "Leiden ARI", "silhouette label", "cLISI",
@@ -83,6 +83,7 @@ class PanelResult:
     seconds: dict[str, float] = field(default_factory=dict)  # "method: step" -> seconds
     corrected: dict[str, np.ndarray] = field(default_factory=dict)  # method -> its output (rcic map reuses it)
     note: str = ""  # how the panel was computed at this size (subsample, resolutions), one line
+    phenomic: object = None  # rcic.profiles.MapResult of the corrected outputs, when the panel was asked for it
 
 
 def _need_scib():
@@ -467,59 +468,209 @@ def aggregate(values: dict[str, float]) -> tuple[float, float, float]:
     return float(batch), float(bio), float(BATCH_WEIGHT * batch + (1 - BATCH_WEIGHT) * bio)
 
 
-def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tuple[str, ...] = PANEL_METHODS,
-                     controls: str = "within", genes: pd.DataFrame | None = None, null_size: int = 1000,
-                     bootstrap: int = 200, seed: int = 0, source=None,
-                     progress: Callable[[int, int], None] | None = None, max_wells: int = SILHOUETTE_WELLS,
-                     resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS, max_kbet_labels: int = KBET_LABELS
-                     ) -> PanelResult:
-    """Correct with each method and score every output on the panel's metrics (module docstring)."""
-    _need_scib()
+# the panel's jobs, longest first, so that the last job to finish on two workers is a short one; pca and
+# harmony share one job (they start from the same SVD of the wells)
+JOB_ORDER = ("harmony", "pca", "scanorama", "combat", "center", "standardize", "spherize", "tvn", "none")
+
+
+def panel_jobs(methods: list[str] | tuple[str, ...]) -> list[tuple[str, ...]]:
+    """``methods`` grouped into the panel's jobs (one per method; pca with harmony), longest first."""
+    rank = {method: i for i, method in enumerate(JOB_ORDER)}
+    jobs = [(m,) for m in sorted(dict.fromkeys(methods), key=lambda m: rank.get(m, -1)) if m not in ("pca", "harmony")]
+    shared = tuple(m for m in ("pca", "harmony") if m in methods)
+    return ([shared] if shared else []) + jobs
+
+
+@dataclass
+class _Scored:
+    """One method's outputs from a job (in process or in a worker)."""
+
+    method: str
+    corrected: np.ndarray
+    parts: list[_Parts]
+    maps: list[pd.Series]
+    seconds: dict[str, float]
+    sampled: dict[str, tuple[int, int]]
+    kbet_sampled: dict[str, tuple[int, int]]
+    phenomic: tuple[dict, pd.DataFrame, float] | None  # (scores, per-siRNA table, seconds) of the phenomic map
+
+
+@dataclass
+class _Settings:
+    controls: str
+    genes: pd.DataFrame | None
+    null_size: int
+    seed: int
+    source: object
+    max_wells: int
+    resolutions: tuple[float, ...]
+    max_kbet_labels: int
+    phenomic: dict | None  # score_correction's keywords (relationships, probe), or None: no phenomic map
+
+
+def _score_job(meta: pd.DataFrame, x: np.ndarray, job: tuple[str, ...], settings: _Settings,
+               tick: Callable[[], None] = lambda: None) -> list[_Scored]:
+    """Correct with each method of ``job`` and score its output on every cell type (and on the phenomic map's
+    metrics when ``settings.phenomic``); ``tick`` after each step."""
+    from rcic.profiles import score_correction
+
     labelled = (meta["label"] != "").to_numpy()
     cell_types = sorted(meta.loc[labelled, "cell_type"].unique())
-    parts_by_method: dict[str, tuple[list[_Parts], list[pd.Series]]] = {}
-    seconds: dict[str, float] = {}
-    corrected: dict[str, np.ndarray] = {}
-    sampled: dict[str, tuple[int, int]] = {}  # cell type -> (wells in the silhouettes, labelled wells)
-    kbet_sampled: dict[str, tuple[int, int]] = {}  # cell type -> (siRNAs in kBET, siRNAs scib-metrics scores)
-    steps = len(methods) * (1 + len(cell_types))
-    done = 0
     pcs = None  # pca and harmony start from the same principal components: one SVD
-    for method in methods:
+    out = []
+    for method in job:
         start = time.perf_counter()
         if method in ("pca", "harmony") and pcs is None:
             pcs = principal_components(np.asarray(x, np.float64))
-        z = correct(meta, x, method, source, controls, pcs=pcs if method in ("pca", "harmony") else None)
-        corrected[method] = z
-        seconds[f"{method}: correction"] = time.perf_counter() - start
-        done += 1
-        if progress:
-            progress(done, steps)
-        parts, maps = [], []
-        steps_seconds: dict[str, float] = {}
+        z = correct(meta, x, method, settings.source, settings.controls,
+                    pcs=pcs if method in ("pca", "harmony") else None)
+        seconds = {"correction": time.perf_counter() - start}
+        tick()
+        parts, maps, sampled, kbet_sampled = [], [], {}, {}
         for cell_type in cell_types:
             rows = labelled & (meta["cell_type"] == cell_type).to_numpy()
             sub = meta[rows].reset_index(drop=True)
             if sub["experiment"].nunique() < 2:
+                tick()
                 continue
             labels, batches = sub["label"].to_numpy(), sub["experiment"].to_numpy()
-            part = scib_parts(z[rows], labels, batches, max_wells, resolutions, seed, steps_seconds, max_kbet_labels)
+            part = scib_parts(z[rows], labels, batches, settings.max_wells, settings.resolutions, settings.seed,
+                              seconds, settings.max_kbet_labels)
             kbet_sampled[cell_type] = part.kbet_labels
-            sampled[cell_type] = (min(len(sub), len(stratified_subsample(labels, batches, max_wells, seed))), len(sub))
+            sampled[cell_type] = (min(len(sub), len(stratified_subsample(labels, batches, settings.max_wells,
+                                                                         settings.seed))), len(sub))
             t = time.perf_counter()
-            part.fixed["consistency mAP"] = consistency_map(sub, z[rows], genes, null_size)
-            steps_seconds["consistency mAP"] = steps_seconds.get("consistency mAP", 0.0) + time.perf_counter() - t
+            part.fixed["consistency mAP"] = consistency_map(sub, z[rows], settings.genes, settings.null_size)
+            seconds["consistency mAP"] = seconds.get("consistency mAP", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            maps.append(replicate_map_negcon(sub, z[rows], null_size))
-            steps_seconds["replicate mAP"] = steps_seconds.get("replicate mAP", 0.0) + time.perf_counter() - t
+            maps.append(replicate_map_negcon(sub, z[rows], settings.null_size))
+            seconds["replicate mAP"] = seconds.get("replicate mAP", 0.0) + time.perf_counter() - t
             parts.append(part)
-            done += 1
-            if progress:
-                progress(done, steps)
-        if not parts:
-            raise DataError("the panel needs a cell type with labelled wells in two experiments or more", source)
-        parts_by_method[method] = (parts, maps)
-        seconds |= {f"{method}: {step}": value for step, value in steps_seconds.items()}
+            tick()
+        phenomic = None
+        if settings.phenomic is not None:
+            t = time.perf_counter()
+            scores, per_sirna = score_correction(meta, z, settings.genes, null_size=settings.null_size, tick=tick,
+                                                 **settings.phenomic)
+            seconds["phenomic map"] = time.perf_counter() - t
+            phenomic = (scores, per_sirna, seconds["correction"] + seconds["phenomic map"])
+        out.append(_Scored(method, z, parts, maps, seconds, sampled, kbet_sampled, phenomic))
+    return out
+
+
+_WORKER: dict = {}  # a worker process's copy of the wells and settings (sent once, by the pool's initializer)
+
+
+def _start_worker(meta: pd.DataFrame, x: np.ndarray, settings: _Settings, threads: int) -> None:
+    """A panel worker: dies with rcic, ignores Ctrl-C (rcic.parallel), keeps to ``threads`` threads in its
+    numerical libraries (two workers on two cores: one each, instead of four threads fighting), holds the data."""
+    import os
+
+    from rcic.parallel import _die_with_parent
+
+    _die_with_parent()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    # jax reads its flags when its CPU backend starts (the first silhouette), after this
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               f"intra_op_parallelism_threads={threads}").strip()
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    torch.set_num_threads(threads)
+    _WORKER.update(meta=meta, x=x, settings=settings)
+
+
+def _worker_job(job: tuple[str, ...]) -> list[_Scored]:
+    return _score_job(_WORKER["meta"], _WORKER["x"], job, _WORKER["settings"])
+
+
+def _run_jobs(meta: pd.DataFrame, x: np.ndarray, jobs: list[tuple[str, ...]], settings: _Settings, workers: int,
+              tick: Callable[[int], None], job_fn: Callable[[tuple[str, ...]], list] = _worker_job):
+    """Each job's ``_Scored`` list, as the jobs finish: in this process (``workers`` 1), or ``job_fn(job)`` in
+    ``workers`` fresh processes (spawned: jax's and torch's threads do not survive a fork) that each receive
+    the wells once and take the next job, in order, whenever they are free."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _score_job(meta, x, job, settings, lambda: tick(1))
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(meta, x, settings, threads))
+    try:
+        pending = {pool.submit(job_fn, job) for job in jobs}  # taken in this order as workers free up
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                scored = future.result()
+                tick(sum(_job_steps(settings, meta) for _ in scored))
+                yield scored
+    except BaseException:
+        for process in list((pool._processes or {}).values()):  # the pool has no public terminate
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _job_steps(settings: _Settings, meta: pd.DataFrame) -> int:
+    """Progress steps of one method: its correction, each cell type, the phenomic map's four."""
+    cell_types = meta.loc[meta["label"] != "", "cell_type"].nunique()
+    return 1 + cell_types + (4 if settings.phenomic is not None else 0)
+
+
+def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tuple[str, ...] = PANEL_METHODS,
+                     controls: str = "within", genes: pd.DataFrame | None = None, null_size: int = 1000,
+                     bootstrap: int = 200, seed: int = 0, source=None,
+                     progress: Callable[[int, int], None] | None = None, max_wells: int = SILHOUETTE_WELLS,
+                     resolutions: tuple[float, ...] = LEIDEN_RESOLUTIONS, max_kbet_labels: int = KBET_LABELS,
+                     workers: int = 1, phenomic: dict | None = None) -> PanelResult:
+    """Correct with each method and score every output on the panel's metrics (module docstring).
+
+    ``workers``: processes that share the methods (each corrects and scores whole methods; the results do
+    not depend on it). ``phenomic``: also score each output on the phenomic map's metrics, in the same
+    job (``rcic.profiles.score_correction``'s keywords: ``relationships``, ``probe``); they come back as
+    ``PanelResult.phenomic``, the ``MapResult`` of ``phenomic_map`` with the panel's corrected outputs."""
+    from rcic.profiles import MapResult
+
+    if workers <= 1:
+        _need_scib()  # in workers it is imported there; here only its absence is checked
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("scib_metrics") is None:
+            _need_scib()
+    methods = list(dict.fromkeys(methods))
+    # bad input stops here, before any job starts: too few controls for a method, no cell type to score
+    for method in methods:
+        check_controls(meta, x, method, controls, source)
+    labelled = (meta["label"] != "").to_numpy()
+    if not (meta[labelled].groupby("cell_type")["experiment"].nunique() >= 2).any():
+        raise DataError("the panel needs a cell type with labelled wells in two experiments or more", source)
+    settings = _Settings(controls, genes, null_size, seed, source, max_wells, resolutions, max_kbet_labels, phenomic)
+    steps = len(methods) * _job_steps(settings, meta)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, steps)
+
+    scored: dict[str, _Scored] = {}
+    for job_result in _run_jobs(meta, x, panel_jobs(methods), settings, workers, tick):
+        scored |= {s.method: s for s in job_result}
+    scored = {method: scored[method] for method in methods}  # the caller's order
+    seconds = {f"{s.method}: {step}": value for s in scored.values() for step, value in s.seconds.items()}
+    sampled = {k: v for s in scored.values() for k, v in s.sampled.items()}
+    kbet_sampled = {k: v for s in scored.values() for k, v in s.kbet_sampled.items()}
+    parts_by_method = {method: (s.parts, s.maps) for method, s in scored.items()}
     rows = []
     for method, (parts, maps) in parts_by_method.items():
         values = _scores(parts, maps)
@@ -531,7 +682,13 @@ def correction_panel(meta: pd.DataFrame, x: np.ndarray, methods: list[str] | tup
                                                            "label"].unique(), bootstrap, seed)
     seconds["bootstrap of the ranks"] = time.perf_counter() - start
     table["rank 95% low"], table["rank 95% high"] = low, high
-    return PanelResult(table, seconds, corrected, _note(sampled, resolutions, seed, kbet_sampled))
+    corrected = {method: s.corrected for method, s in scored.items()}
+    result = None
+    if phenomic is not None:
+        result = MapResult(scores={m: s.phenomic[0] for m, s in scored.items()}, corrected=corrected,
+                           per_sirna={m: s.phenomic[1] for m, s in scored.items()},
+                           seconds={m: s.phenomic[2] for m, s in scored.items()})
+    return PanelResult(table, seconds, corrected, _note(sampled, resolutions, seed, kbet_sampled), result)
 
 
 def _note(sampled: dict[str, tuple[int, int]], resolutions: tuple[float, ...], seed: int,
