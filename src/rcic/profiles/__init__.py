@@ -30,7 +30,7 @@ from rcic.profiles.metrics import NULL_SIZE, known_recall, map_from_average_prec
 
 __all__ = ["CONTROLS", "DEFAULT_CONTROLS", "META_COLUMNS", "METHODS", "PANEL_METHODS", "MapResult", "SEEN",
            "correct", "embed_wells", "embedding_frame", "embedding_runs", "phenomic_map", "read_embeddings",
-           "read_gene_tables", "scored_wells", "write_embeddings"]
+           "read_gene_tables", "score_correction", "scored_wells", "write_embeddings"]
 
 # measured on model-free features of the synthetic gene layer and on synthetic embeddings with
 # RxRx1's well structure (BENCHMARKS.md, "Which controls"): 4-5 negative controls per experiment

@@ -47,6 +47,11 @@ Scale (62,755 wells, HUVEC alone ~20,000 labelled wells), as scIB benchmarks are
 - graph connectivity without scib-metrics' per-label slices of the whole graph, to the same value
   (tested against scib-metrics): one connected-components pass over the graph's within-label edges.
 
+Two cores: the methods are independent, so ``workers`` processes share them, each correcting and
+scoring whole methods (pca with harmony: one SVD), the longest first, with its share of the cores'
+threads; ``phenomic`` adds each output's phenomic-map row (``rcic.profiles.score_correction``) to its
+job. A fresh (spawned) process pays the imports and the first-call compilations (numba, jax) once.
+
 Every number is deterministic for a seed.
 """
 
