@@ -571,9 +571,9 @@ def _start_worker(meta: pd.DataFrame, x: np.ndarray, settings: _Settings, thread
     numerical libraries (two workers on two cores: one each, instead of four threads fighting), holds the data."""
     import os
 
-    from rcic.parallel import _die_with_parent
+    from rcic.parallel import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[name] = str(threads)
     # jax reads its flags when its CPU backend starts (the first silhouette), after this
@@ -602,13 +602,14 @@ def _run_jobs(meta: pd.DataFrame, x: np.ndarray, jobs: list[tuple[str, ...]], se
         return
     import multiprocessing
     import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from rcic.parallel import worker_pool
 
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(meta, x, settings, threads))
-    try:
+    with worker_pool(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                     initargs=(meta, x, settings, threads)) as pool:
         pending = {pool.submit(job_fn, job) for job in jobs}  # taken in this order as workers free up
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -616,12 +617,6 @@ def _run_jobs(meta: pd.DataFrame, x: np.ndarray, jobs: list[tuple[str, ...]], se
                 scored = future.result()
                 tick(sum(_job_steps(settings, meta) for _ in scored))
                 yield scored
-    except BaseException:
-        for process in list((pool._processes or {}).values()):  # the pool has no public terminate
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
 
 
 def _job_steps(settings: _Settings, meta: pd.DataFrame) -> int:
