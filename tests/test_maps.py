@@ -260,13 +260,31 @@ def test_out_of_fold_embeddings(tiny_run, tiny_store, tmp_path):
     records = embedding_runs(out)
     assert [r["embedded_experiments"] for r in records] == [r["val_experiments"] for r in records]
     assert sorted(e for r in records for e in r["embedded_experiments"]) == sorted(fold_of)
-    # fold 1's experiments carry fold 1's features (not another fold's)
+    # fold 1's experiments carry fold 1's features (not another fold's), carried onto fold 0's space by the
+    # Procrustes map that a hand computation fits on the test wells both folds embed
     from rcic.predict import predict
+    from rcic.profiles import apply_map, procrustes_maps
     from rcic.store import open_source
 
-    own = predict([runs[1]], open_source(tiny_store), split="val", tta=1, embeddings=True, controls=True)
-    mine = frame.set_index("id_code").loc[own.id_code, [c for c in frame.columns if c.startswith("emb_")]]
-    np.testing.assert_allclose(mine.to_numpy(), own.extra["embeddings"], rtol=1e-5, atol=1e-6)
+    source = open_source(tiny_store)
+    assert {r["alignment"]["anchor_split"] for r in records} == {"test"}
+    emb = [c for c in frame.columns if c.startswith("emb_")]
+    anchors = []
+    for run in runs[:2]:
+        test = predict([run], source, split="test", tta=1, embeddings=True, controls=True)
+        anchors.append(test.extra["embeddings"][np.argsort(test.id_code, kind="stable")])
+    maps = procrustes_maps(anchors)
+    for k in (0, 1):
+        own = predict([runs[k]], source, split="val", tta=1, embeddings=True, controls=True)
+        mine = frame.set_index("id_code").loc[own.id_code, emb].to_numpy()
+        np.testing.assert_allclose(mine, apply_map(own.extra["embeddings"], maps[k]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mine[1:] - mine[0], (own.extra["embeddings"][1:] - own.extra["embeddings"][0])
+                               @ maps[1][1], rtol=1e-4, atol=1e-5)  # a rotation: distances kept
+    # --align none: each fold's own features, as the model gives them
+    run_cli("embed", *runs, "--data", tiny_store, "--split", "val", "--tta", "1", "--align", "none",
+            "--out", tmp_path / "raw.parquet")
+    raw = pd.read_parquet(tmp_path / "raw.parquet").set_index("id_code").loc[own.id_code, emb]
+    np.testing.assert_allclose(raw.to_numpy(), own.extra["embeddings"], rtol=1e-5, atol=1e-6)
     # one fold over every well: seen are the labelled experiments it trained on (not its own fold, not test)
     run_cli("embed", runs[0], "--data", tiny_store, "--split", "all", "--tta", "1", "--out", tmp_path / "all.parquet")
     every = pd.read_parquet(tmp_path / "all.parquet")
@@ -277,6 +295,22 @@ def test_out_of_fold_embeddings(tiny_run, tiny_store, tmp_path):
     assert not meta["seen_in_training"].any()
 
 
+def test_procrustes_maps_undo_a_rotation_and_shift():
+    """Anchors embedded in a rotated, shifted copy of a space: the map carries every well back exactly."""
+    from rcic.profiles import apply_map, procrustes_maps
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(60, 8))
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    other = reference @ rotation + 3.0
+    wells = rng.normal(size=(5, 8))
+    maps = procrustes_maps([reference, other])
+    np.testing.assert_allclose(apply_map(wells, maps[0]), wells, atol=1e-12)  # the first space stays
+    np.testing.assert_allclose(apply_map(wells @ rotation + 3.0, maps[1]), wells, atol=1e-9)
+    with pytest.raises(Exception, match="differ in shape"):
+        procrustes_maps([reference, other[:, :4]])
+
+
 def test_split_val_on_a_fold_all_run_is_one_line(tiny_run, tmp_path, tiny_store):
     run = tmp_path / "all"
     shutil.copytree(tiny_run, run)
@@ -285,6 +319,10 @@ def test_split_val_on_a_fold_all_run_is_one_line(tiny_run, tmp_path, tiny_store)
     proc = run_cli("embed", run, "--data", tiny_store, "--split", "val", "--out", tmp_path / "e.parquet", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "data.fold: all" in proc.stderr and not (tmp_path / "e.parquet").exists()
+    proc = run_cli("embed", tiny_run, "--data", tiny_store, "--split", "val", "--align", "rotate",
+                   "--out", tmp_path / "e.parquet", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--align must be procrustes or none" in proc.stderr and not (tmp_path / "e.parquet").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -571,6 +571,9 @@ def embed(
                                             "and controls alike)")] = "all",
     tta: Tta = 8,
     combine: Annotated[str, typer.Option(help="Runs' features averaged (mean) or side by side (concat)")] = "mean",
+    align: Annotated[str, typer.Option(help="--split val with several folds: carry each fold model's feature space "
+                                            "onto the first's (procrustes: a rotation and shift fitted on test "
+                                            "wells every fold embeds), or none")] = "procrustes",
     checkpoint: Checkpoint = "best",
     batch_size: BatchSize = 32,
     workers: Workers = 0,
@@ -581,6 +584,8 @@ def embed(
         raise RcicError(f"--split must be val, all, train or test, got {split!r}")
     if combine not in ("mean", "concat"):
         raise RcicError(f"--combine must be mean or concat, got {combine!r}")
+    if align not in ("procrustes", "none"):
+        raise RcicError(f"--align must be procrustes or none, got {align!r}")
     if out.suffix != ".parquet":
         raise RcicError("embeddings are written as parquet: give a file name ending in .parquet", out)
     check_output(out, [data, *runs])
@@ -592,8 +597,8 @@ def embed(
 
     source = open_source(data)
     with progress_bar(f"embed {split}") as update:
-        made = embed_wells(runs, source, split, update, tta=tta, checkpoint=checkpoint, batch_size=batch_size,
-                           num_workers=workers, devices=_devices(devices), combine=combine)
+        made = embed_wells(runs, source, split, update, align=align, tta=tta, checkpoint=checkpoint,
+                           batch_size=batch_size, num_workers=workers, devices=_devices(devices), combine=combine)
     if made is None or is_child_rank():
         return
     frame, records = made

@@ -18,19 +18,23 @@ import pandas as pd
 from rcic.errors import DataError
 from rcic.profiles.correct import CONTROLS, METHODS, PANEL_METHODS, correct
 from rcic.profiles.embeddings import (
+    ALIGNMENTS,
     META_COLUMNS,
     SEEN,
+    apply_map,
     embed_wells,
     embedding_frame,
     embedding_runs,
+    procrustes_maps,
     read_embeddings,
     write_embeddings,
 )
 from rcic.profiles.metrics import NULL_SIZE, known_recall, map_from_average_precision, probe_accuracy, similarity_scores
 
-__all__ = ["CONTROLS", "DEFAULT_CONTROLS", "META_COLUMNS", "METHODS", "PANEL_METHODS", "MapResult", "SEEN",
-           "correct", "embed_wells", "embedding_frame", "embedding_runs", "phenomic_map", "read_embeddings",
-           "read_gene_tables", "score_correction", "scored_wells", "write_embeddings"]
+__all__ = ["ALIGNMENTS", "CONTROLS", "DEFAULT_CONTROLS", "META_COLUMNS", "METHODS", "PANEL_METHODS", "MapResult",
+           "SEEN", "apply_map", "correct", "embed_wells", "embedding_frame", "embedding_runs", "phenomic_map",
+           "procrustes_maps", "read_embeddings", "read_gene_tables", "score_correction", "scored_wells",
+           "write_embeddings"]
 
 # measured on model-free features of the synthetic gene layer and on synthetic embeddings with
 # RxRx1's well structure (BENCHMARKS.md, "Which controls"): 4-5 negative controls per experiment

@@ -8,6 +8,15 @@ features): the other commands read nothing else.
 trained on its experiment) and records the runs in the parquet's key-value metadata (key
 ``rcic``). ``--split val`` with the K runs of a K-fold cross-validation embeds every labelled
 experiment with the one fold model that held it out: an out-of-fold map.
+
+Each fold model has its own feature space: the same well lands on different coordinates in
+each, so replicates embedded by two folds look unrelated, and a correction fitted on a few control
+wells per experiment cannot bring the spaces together (BENCHMARKS.md, "Out-of-fold embeddings").
+``align="procrustes"`` (the default of ``rcic embed --split val``) therefore embeds a set of anchor
+wells with every fold model as well: the test split, which no fold trained on (every well when
+there is no test split; no labels are used either way). Each fold's space is then carried onto the
+first fold's by an orthogonal Procrustes map fitted on the anchors (``procrustes_maps``): a rotation
+and a shift, so distances within one fold's wells are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from rcic.errors import DataError
 
 META_COLUMNS = ["id_code", "experiment", "plate", "well", "cell_type", "well_type", "label"]
 SEEN = "seen_in_training"
+ALIGNMENTS = ("procrustes", "none")
 WELL_TYPES = ("treatment", "positive_control", "negative_control")
 METADATA_KEY = b"rcic"
 
@@ -84,17 +94,46 @@ def trained_experiments(run_dir: str | Path, wells: pd.DataFrame) -> set[str]:
     return trained
 
 
+def procrustes_maps(anchors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For the same anchor wells embedded in K spaces (K arrays, wells x features, rows matched), the maps
+    ``x -> (x - mean_k) @ rotation_k + mean_0`` that carry each space onto the first: ``rotation_k`` the
+    orthogonal matrix that best fits the centred anchors of space k to those of space 0 (scipy's
+    ``orthogonal_procrustes``). The first map is the identity."""
+    from scipy.linalg import orthogonal_procrustes
+
+    reference = np.asarray(anchors[0], np.float64)
+    mean_0 = reference.mean(0)
+    maps = []
+    for space in anchors:
+        space = np.asarray(space, np.float64)
+        if space.shape != reference.shape:
+            raise DataError(f"anchor embeddings differ in shape: {space.shape} against {reference.shape}")
+        mean_k = space.mean(0)
+        rotation, _ = orthogonal_procrustes(space - mean_k, reference - mean_0)
+        maps.append((mean_k, rotation, mean_0))
+    maps[0] = (mean_0, np.eye(len(mean_0)), mean_0)
+    return maps
+
+
+def apply_map(x: np.ndarray, space_map: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    mean_k, rotation, mean_0 = space_map
+    return (np.asarray(x, np.float64) - mean_k) @ rotation + mean_0
+
+
 def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, int], None] | None = None,
-                **predict_options) -> tuple[pd.DataFrame, list[dict]] | None:
+                align: str = "procrustes", **predict_options) -> tuple[pd.DataFrame, list[dict]] | None:
     """The embeddings table of ``rcic embed`` and the runs behind it (None on a non-zero DDP rank).
 
     ``split`` ``val``: runs are grouped by the experiments they held out (runs of one fold are
     ensembled); each group embeds its own held-out experiments, so every labelled experiment is
     embedded by models that never trained on it. Two groups may not hold out the same experiment.
-    ``all``, ``train``, ``test``: every run embeds every chosen well.
+    With two groups or more and ``align="procrustes"``, every group's space is carried onto the first
+    group's (module docstring). ``all``, ``train``, ``test``: every run embeds every chosen well.
     """
     from rcic.predict import predict, run_val_experiments
 
+    if align not in ALIGNMENTS:
+        raise DataError(f"--align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
     runs = [Path(r) for r in runs]
     groups: dict[tuple[str, ...], list[Path]] = {}
     if split == "val":
@@ -111,26 +150,44 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
     else:
         groups[()] = runs
     wells_all = source.dataset.wells
-    frames, records = [], []
+    aligning = align == "procrustes" and len(groups) > 1
+    anchor_split = "test" if (wells_all["split"] == "test").any() else "all"
+    steps = len(groups) * (2 if aligning else 1)
+    made, anchors = [], []
     for i, members in enumerate(groups.values()):
-        sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(groups) * n))
         # any_classes: a model embeds data whose treatments it never saw (an RxRx1 model on RxRx3-core)
-        logits = predict(members, source, split=split, embeddings=True, controls=True, progress=sub,
-                         any_classes=True, **predict_options)
-        if logits is None:
-            return None
-        trained = set().union(*(trained_experiments(r, wells_all) for r in members))
-        seen = logits.wells["experiment"].isin(trained).to_numpy()
-        frames.append(embedding_frame(logits.wells, logits.extra["embeddings"], seen))
-        for run in members:
-            info = json.loads((run / "run.json").read_text())
-            records.append({"run": str(run.resolve()), "recipe_digest": info.get("recipe_digest"),
-                            "val_experiments": info.get("val_experiments") or [],
-                            "embedded_experiments": sorted(set(logits.wells["experiment"]))})
-    widths = {f.shape[1] for f in frames}
-    if len(widths) > 1:
+        for anchor in (False, True) if aligning else (False,):
+            step = i * (2 if aligning else 1) + anchor
+            sub = None if progress is None else (lambda d, n, step=step: progress(step * n + d, steps * n))
+            logits = predict(members, source, split=anchor_split if anchor else split, embeddings=True,
+                             controls=True, progress=sub, any_classes=True, **predict_options)
+            if logits is None:
+                return None
+            if anchor:
+                order = np.argsort(logits.wells["id_code"].to_numpy(), kind="stable")
+                anchors.append(np.asarray(logits.extra["embeddings"])[order])
+            else:
+                made.append((members, logits))
+    if len({logits.extra["embeddings"].shape[1] for _, logits in made}) > 1:
         raise DataError("the folds' embeddings differ in width (--combine concat with a different number of runs "
                         "per fold?)")
+    maps = procrustes_maps(anchors) if aligning else [None] * len(made)
+    frames, records = [], []
+    for (members, logits), space_map in zip(made, maps, strict=True):
+        features = logits.extra["embeddings"] if space_map is None else apply_map(logits.extra["embeddings"],
+                                                                                   space_map)
+        trained = set().union(*(trained_experiments(r, wells_all) for r in members))
+        seen = logits.wells["experiment"].isin(trained).to_numpy()
+        frames.append(embedding_frame(logits.wells, features, seen))
+        for run in members:
+            info = json.loads((run / "run.json").read_text())
+            record = {"run": str(run.resolve()), "recipe_digest": info.get("recipe_digest"),
+                      "val_experiments": info.get("val_experiments") or [],
+                      "embedded_experiments": sorted(set(logits.wells["experiment"]))}
+            if aligning:
+                record["alignment"] = {"method": "procrustes", "onto": str(made[0][0][0].resolve()),
+                                       "anchor_split": anchor_split, "anchor_wells": len(anchors[0])}
+            records.append(record)
     frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values("id_code", kind="stable").reset_index(drop=True), records
 
