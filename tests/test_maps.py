@@ -267,11 +267,16 @@ def test_out_of_fold_embeddings(tiny_run, tiny_store, tmp_path):
     from rcic.store import open_source
 
     source = open_source(tiny_store)
-    assert {r["alignment"]["anchor_split"] for r in records} == {"test"}
+    wells = source.dataset.wells
+    test_experiments = wells.loc[wells["split"] == "test"].groupby("cell_type")["experiment"].min()
+    for record in records:  # one test experiment per cell type, no fold trained on it
+        assert record["alignment"]["anchor_split"] == "test"
+        assert record["alignment"]["anchor_experiments"] == sorted(test_experiments)
     emb = [c for c in frame.columns if c.startswith("emb_")]
     anchors = []
     for run in runs[:2]:
-        test = predict([run], source, split="test", tta=1, embeddings=True, controls=True)
+        test = predict([run], source, split="val", experiments=sorted(test_experiments), tta=1, embeddings=True,
+                       controls=True)
         anchors.append(test.extra["embeddings"][np.argsort(test.id_code, kind="stable")])
     maps = procrustes_maps(anchors)
     for k in (0, 1):

@@ -165,7 +165,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
             checkpoint: str = "best", batch_size: int = 32, num_workers: int = 0, embeddings: bool = False,
             progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
             accelerator: str = "auto", controls: bool = False, combine: str = "mean",
-            site_outputs: bool = False, adabn: str = "recipe", any_classes: bool = False) -> Logits | None:
+            site_outputs: bool = False, adabn: str = "recipe", any_classes: bool = False,
+            experiments: list[str] | None = None) -> Logits | None:
     """Well logits averaged over both sites, the TTA transforms and all given runs.
 
     ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
@@ -174,11 +175,14 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
     ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own).
     ``any_classes``: the runs may have been trained on other treatments (embeddings only; see predict_run).
+    ``experiments``: with ``split="val"``, predict these experiments instead of the runs' held-out ones.
     """
     _check_split(split, tta, adabn)
     run_dirs = [Path(r) for r in run_dirs]
     val_experiments = None
-    if split == "val":
+    if split == "val" and experiments is not None:
+        val_experiments = list(experiments)
+    elif split == "val":
         held_out = {str(r): run_val_experiments(r) for r in run_dirs}
         val_experiments = held_out[str(run_dirs[0])]
         for run, experiments in held_out.items():

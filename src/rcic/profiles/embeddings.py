@@ -13,10 +13,11 @@ Each fold model has its own feature space: the same well lands on different coor
 each, so replicates embedded by two folds look unrelated, and a correction fitted on a few control
 wells per experiment cannot bring the spaces together (BENCHMARKS.md, "Out-of-fold embeddings").
 ``align="procrustes"`` (the default of ``rcic embed --split val``) therefore embeds a set of anchor
-wells with every fold model as well: the test split, which no fold trained on (every well when
-there is no test split; no labels are used either way). Each fold's space is then carried onto the
-first fold's by an orthogonal Procrustes map fitted on the anchors (``procrustes_maps``): a rotation
-and a shift, so distances within one fold's wells are kept.
+wells with every fold model as well: one test experiment per cell type, which no fold trained on
+(``anchor_wells``; every experiment when there is no test split; no labels are used either way).
+Each fold's space is then carried onto the first fold's by an orthogonal Procrustes map fitted on
+the anchors (``procrustes_maps``): a rotation and a shift, so distances within one fold's wells
+are kept.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from rcic.errors import DataError
 META_COLUMNS = ["id_code", "experiment", "plate", "well", "cell_type", "well_type", "label"]
 SEEN = "seen_in_training"
 ALIGNMENTS = ("procrustes", "none")
+# anchors of the fold alignment: on RxRx1, one test experiment per cell type is ~4,500 wells, several times
+# the features' dimensions, and each fold embeds 4 test experiments instead of all 18
+ANCHOR_EXPERIMENTS_PER_CELL_TYPE = 1
 WELL_TYPES = ("treatment", "positive_control", "negative_control")
 METADATA_KEY = b"rcic"
 
@@ -120,6 +124,18 @@ def apply_map(x: np.ndarray, space_map: tuple[np.ndarray, np.ndarray, np.ndarray
     return (np.asarray(x, np.float64) - mean_k) @ rotation + mean_0
 
 
+def anchor_wells(wells: pd.DataFrame, per_cell_type: int = ANCHOR_EXPERIMENTS_PER_CELL_TYPE
+                 ) -> tuple[str, list[str]]:
+    """The experiments every fold embeds to fit the alignment: ``per_cell_type`` test experiments of each cell
+    type (the first by name), which no fold trained on; every experiment's when there is no test split."""
+    test = wells["split"] == "test"
+    if not test.any():
+        return "all", sorted(wells["experiment"].unique())
+    experiments = wells[test].drop_duplicates("experiment").sort_values("experiment")
+    firsts = experiments.groupby("cell_type").head(per_cell_type)
+    return "test", sorted(firsts["experiment"])
+
+
 def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, int], None] | None = None,
                 align: str = "procrustes", **predict_options) -> tuple[pd.DataFrame, list[dict]] | None:
     """The embeddings table of ``rcic embed`` and the runs behind it (None on a non-zero DDP rank).
@@ -151,7 +167,7 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
         groups[()] = runs
     wells_all = source.dataset.wells
     aligning = align == "procrustes" and len(groups) > 1
-    anchor_split = "test" if (wells_all["split"] == "test").any() else "all"
+    anchor_split, anchor_experiments = anchor_wells(wells_all)
     steps = len(groups) * (2 if aligning else 1)
     made, anchors = [], []
     for i, members in enumerate(groups.values()):
@@ -159,8 +175,9 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
         for anchor in (False, True) if aligning else (False,):
             step = i * (2 if aligning else 1) + anchor
             sub = None if progress is None else (lambda d, n, step=step: progress(step * n + d, steps * n))
-            logits = predict(members, source, split=anchor_split if anchor else split, embeddings=True,
-                             controls=True, progress=sub, any_classes=True, **predict_options)
+            logits = predict(members, source, split="val" if anchor else split, embeddings=True, controls=True,
+                             progress=sub, any_classes=True, experiments=anchor_experiments if anchor else None,
+                             **predict_options)
             if logits is None:
                 return None
             if anchor:
@@ -186,7 +203,8 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
                       "embedded_experiments": sorted(set(logits.wells["experiment"]))}
             if aligning:
                 record["alignment"] = {"method": "procrustes", "onto": str(made[0][0][0].resolve()),
-                                       "anchor_split": anchor_split, "anchor_wells": len(anchors[0])}
+                                       "anchor_split": anchor_split, "anchor_experiments": anchor_experiments,
+                                       "anchor_wells": len(anchors[0])}
             records.append(record)
     frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values("id_code", kind="stable").reset_index(drop=True), records
