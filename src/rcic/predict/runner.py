@@ -180,6 +180,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     _check_split(split, tta, adabn)
     run_dirs = [Path(r) for r in run_dirs]
     val_experiments = None
+    if experiments is not None and split != "val":
+        raise ValueError(f"experiments are chosen with split='val', not {split!r}")
     if split == "val" and experiments is not None:
         val_experiments = list(experiments)
     elif split == "val":
