@@ -80,7 +80,7 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
 
-def cli_accuracy(store: Path, logits: Path, answers: Path, balance: str = "none", center: str = "plate"
+def cli_accuracy(store: Path, logits: Path, answers: Path, balance: str = "none", center: str = "none"
                  ) -> tuple[float, float]:
     """Test accuracy (arg-max, plate leak) of a logits file, through ``rcic submit`` + ``rcic score``."""
     result = []
@@ -156,7 +156,7 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     common = ["data.folds=3", *overrides]
     every, cpu_all, _ = train(source, folder / "all", [*common, "data.fold=all"])
     # AdaBN acts at prediction only: the shipped recipe's setting is applied to the run, and the same
-    # weights without it (and without --center plate) are "no plate-aware": the recipe without them
+    # weights without it are "no plate-aware": the recipe without them
     adabn = recipe_value(common, "model.adabn")
     final = test_logits([every], source, folder / f"test_all-adabn-{adabn}.npz", adabn)
     row = {"set": name, "chance": 1 / source.dataset.vocab.n_treatments,

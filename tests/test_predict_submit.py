@@ -227,18 +227,18 @@ def test_read_submission_csv_refuses_empty_or_repeated_files(tmp_path):
 def test_make_submission_labels_by_hand_and_its_refusals(plates, tmp_path):
     ids = plates.test_ids
     logits = _random_logits(plates, ids[::-1], seed=3)  # rows in another order than the submission's
-    plain = make_submission(plates, logits, leak=False, center="none")
+    plain = make_submission(plates, logits, leak=False)  # the model's own log-probabilities by default
     treatments = [i for i, c in enumerate(logits.classes) if c in set(plates.vocab.treatment_labels)]
     row = {k: i for i, k in enumerate(logits.id_code)}
     best = logits.logits[[row[i] for i in ids]][:, treatments].argmax(1)
     assert plain.frame.id_code.tolist() == ids
     assert plain.frame.sirna.tolist() == [logits.classes[treatments[k]] for k in best]
-    # by default each plate's lean is removed first (rcic.assign.center_log_probs, tested on its own)
+    # --center plate: each plate's lean is removed first (rcic.assign.center_log_probs, tested on its own)
     x = logits.logits[[row[i] for i in ids]][:, treatments].astype(np.float64)
     x -= x.max(1, keepdims=True)
     centered = center_log_probs(plates.wells.set_index("id_code").loc[ids].reset_index(),
                                 x - np.log(np.exp(x).sum(1, keepdims=True)))
-    assert make_submission(plates, logits, leak=False).frame.sirna.tolist() == \
+    assert make_submission(plates, logits, leak=False, center="plate").frame.sirna.tolist() == \
         [logits.classes[treatments[k]] for k in centered.argmax(1)]
     leak = make_submission(plates, logits, leak=True)
     merged = leak.frame.merge(plates.wells, on="id_code")

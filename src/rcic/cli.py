@@ -38,9 +38,10 @@ AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (t
                                                     "or experiment (statistics of each domain's own wells)")]
 Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
                                                         "assignment: none or sinkhorn")]
-Center = Annotated[str, typer.Option("--center", help="plate (default): predict from log-probabilities with each "
-                                                      "plate's mean per class removed (its plate effect's lean "
-                                                      "towards some classes); none: the model's own")]
+Center = Annotated[str, typer.Option("--center", help="none (default): the model's own log-probabilities; plate: "
+                                                      "each plate's mean per class removed first (its plate "
+                                                      "effect's lean towards some classes; for models without "
+                                                      "AdaBN per plate)")]
 Devices = Annotated[str, typer.Option("--devices", help="Devices (GPUs, or CPU processes) for DDP")]
 Precision = Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, fp32 on CPU) or a Lightning "
                                                             "precision")]
@@ -449,7 +450,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     adabn: AdaBN = "recipe",
     balance: Balance = "none",
-    center: Center = "plate",
+    center: Center = "none",
 ) -> None:
     """Well-level accuracy (arg-max and plate leak), overall, per cell type and per experiment."""
     import pandas as pd
@@ -503,7 +504,7 @@ def submit(
     out: Annotated[Path, typer.Option(help="Submission CSV to write")],
     no_leak: Annotated[bool, typer.Option("--no-leak", help="Plain arg-max, no plate assignment")] = False,
     balance: Balance = "none",
-    center: Center = "plate",
+    center: Center = "none",
 ) -> None:
     """Write id_code,sirna for every well: plate-leak assignment (default) or arg-max; validated first."""
 

@@ -32,7 +32,7 @@ def _accuracy(correct: np.ndarray | None, mask: np.ndarray) -> float | None:
 
 
 def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                groups: PlateGroups | None, balance: str = "none", center: str = "plate") -> dict:
+                groups: PlateGroups | None, balance: str = "none", center: str = "none") -> dict:
     """Accuracy of treatment wells from their treatment-class log-probabilities.
 
     ``wells`` has ``experiment``, ``plate``, ``cell_type`` and the true ``label`` (one row per
@@ -41,7 +41,8 @@ def score_wells(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] |
     ``per_cell_type`` ``{cell type: {"acc", "acc_leak"}}`` and ``experiments``
     ``{experiment: {"acc", "acc_leak", "wells"}}``. ``balance``: the plates' balancing before the
     assignment (``rcic.assign.plates.assign_plates``). ``center``: ``plate`` scores the plate-centred
-    log-probabilities (``rcic.assign.plates.center_log_probs``), as ``rcic submit`` predicts.
+    log-probabilities (``rcic.assign.plates.center_log_probs``), as ``rcic submit --center plate``
+    predicts; ``none`` (default, as ``rcic submit``) the model's own.
     """
     wells = wells.reset_index(drop=True)
     log_probs = center_log_probs(wells, log_probs, center)

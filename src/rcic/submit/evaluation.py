@@ -19,7 +19,7 @@ from rcic.io.metadata import Dataset
 from rcic.predict.logits import Logits
 
 
-def evaluate_logits(dataset: Dataset, logits: Logits, balance: str = "none", center: str = "plate") -> dict:
+def evaluate_logits(dataset: Dataset, logits: Logits, balance: str = "none", center: str = "none") -> dict:
     """``{"acc", "acc_leak", "wells", "per_cell_type", "experiments"}`` (+ ``"wilds"`` on that layout).
 
     ``balance``: the plates' balancing before the leak assignment (as ``rcic submit --balance``);

@@ -63,13 +63,14 @@ def _wells_for(dataset: Dataset, logits: Logits) -> tuple[pd.DataFrame, bool]:
 
 
 def make_submission(dataset: Dataset, logits: Logits, leak: bool = True, balance: str = "none",
-                    center: str = "plate") -> Submission:
+                    center: str = "none") -> Submission:
     """Labels for every well of ``logits``: plate-leak assignment, or plain arg-max (``leak=False``).
 
     ``balance``: ``sinkhorn`` balances each plate's probabilities before its assignment.
-    ``center``: ``plate`` (default) predicts from plate-centred log-probabilities
-    (``rcic.assign.center_log_probs``: each plate's lean towards some classes removed), ``none`` from
-    the model's own.
+    ``center``: ``none`` (default) predicts from the model's own log-probabilities, ``plate`` from
+    plate-centred ones (``rcic.assign.center_log_probs``: each plate's lean towards some classes
+    removed). With AdaBN per plate and per-plate normalisation (cpu-demo, winning) centring never
+    helped on the learning benchmark's sets (BENCHMARKS.md); it helps models without them.
     """
     if balance not in BALANCES:
         raise DataError(f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
