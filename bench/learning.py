@@ -198,8 +198,8 @@ def run_ablation(name: str, out: Path, overrides: list[str], combo: list[str], o
     ``data.fold: all`` has no validation to pick a checkpoint by)."""
     folder, source, answers = make_set(name, out)
     store = folder / "store.zarr"
-    common = ["data.folds=3", "data.fold=all", "model.adabn=none", f"data.normalization={PLAIN_NORMALIZATION}",
-              *overrides]
+    common = ["data.folds=3", "data.fold=all", *overrides, "model.adabn=none",
+              f"data.normalization={PLAIN_NORMALIZATION}"]  # the plain row stays plain whatever --set says
     combined = ([o for c in combo for o in TECHNIQUES[c][0]],
                 next((TECHNIQUES[c][1] for c in combo if TECHNIQUES[c][1] != "recipe"), "recipe"),
                 next((TECHNIQUES[c][2] for c in combo if TECHNIQUES[c][2] != "none"), "none"))

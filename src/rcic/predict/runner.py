@@ -187,8 +187,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     elif split == "val":
         held_out = {str(r): run_val_experiments(r) for r in run_dirs}
         val_experiments = held_out[str(run_dirs[0])]
-        for run, experiments in held_out.items():
-            if experiments != val_experiments:
+        for run, held in held_out.items():
+            if held != val_experiments:
                 raise RcicError("runs hold out different experiments; --split val needs runs of the same fold "
                                 "(data.split_seed and data.fold)", run)
     tasks = [(r, load_task(find_checkpoint(r, checkpoint))) for r in run_dirs]

@@ -169,7 +169,7 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
     aligning = align == "procrustes" and len(groups) > 1
     anchor_split, anchor_experiments = anchor_wells(wells_all)
     steps = len(groups) * (2 if aligning else 1)
-    made, anchors = [], []
+    made, anchors, child_rank, anchor_ids = [], [], False, None
     for i, members in enumerate(groups.values()):
         # any_classes: a model embeds data whose treatments it never saw (an RxRx1 model on RxRx3-core)
         for anchor in (False, True) if aligning else (False,):
@@ -178,13 +178,20 @@ def embed_wells(runs: list[Path], source, split: str, progress: Callable[[int, i
             logits = predict(members, source, split="val" if anchor else split, embeddings=True, controls=True,
                              progress=sub, any_classes=True, experiments=anchor_experiments if anchor else None,
                              **predict_options)
-            if logits is None:
-                return None
+            if logits is None:  # a non-zero DDP rank: it takes part in every prediction, rank 0 assembles
+                child_rank = True
+                continue
             if anchor:
                 order = np.argsort(logits.wells["id_code"].to_numpy(), kind="stable")
+                ids = logits.wells["id_code"].to_numpy()[order]
+                if anchor_ids is not None and not np.array_equal(ids, anchor_ids):
+                    raise DataError("the folds embedded different anchor wells", members[0])
+                anchor_ids = ids
                 anchors.append(np.asarray(logits.extra["embeddings"])[order])
             else:
                 made.append((members, logits))
+    if child_rank:
+        return None
     if len({logits.extra["embeddings"].shape[1] for _, logits in made}) > 1:
         raise DataError("the folds' embeddings differ in width (--combine concat with a different number of runs "
                         "per fold?)")
