@@ -585,8 +585,10 @@ def embed(
         raise RcicError(f"--split must be val, all, train or test, got {split!r}")
     if combine not in ("mean", "concat"):
         raise RcicError(f"--combine must be mean or concat, got {combine!r}")
-    if align not in ("procrustes", "none"):
-        raise RcicError(f"--align must be procrustes or none, got {align!r}")
+    from rcic.profiles import ALIGNMENTS
+
+    if align not in ALIGNMENTS:
+        raise RcicError(f"--align must be {' or '.join(ALIGNMENTS)}, got {align!r}")
     if out.suffix != ".parquet":
         raise RcicError("embeddings are written as parquet: give a file name ending in .parquet", out)
     check_output(out, [data, *runs])

@@ -107,15 +107,14 @@ def procrustes_maps(anchors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndar
 
     reference = np.asarray(anchors[0], np.float64)
     mean_0 = reference.mean(0)
-    maps = []
-    for space in anchors:
+    maps = [(mean_0, np.eye(len(mean_0)), mean_0)]
+    for space in anchors[1:]:
         space = np.asarray(space, np.float64)
         if space.shape != reference.shape:
             raise DataError(f"anchor embeddings differ in shape: {space.shape} against {reference.shape}")
         mean_k = space.mean(0)
         rotation, _ = orthogonal_procrustes(space - mean_k, reference - mean_0)
         maps.append((mean_k, rotation, mean_0))
-    maps[0] = (mean_0, np.eye(len(mean_0)), mean_0)
     return maps
 
 
