@@ -13,7 +13,7 @@ from rcic.assign import assign_plates, center_log_probs, choose_rotations, plate
 from rcic.config import load_recipe
 from rcic.data import RxRxDataModule
 from rcic.data.dataset import PHASE_ADAPT, PHASE_PREDICT, DomainBatchSampler, DomainEvalSampler, domain_codes
-from rcic.models import adapting, restore_bn_state, save_bn_state, start_domain
+from rcic.models import adapting, mix_bn_state, restore_bn_state, save_bn_state, start_domain
 from rcic.store import open_source
 from rcic.training import fit
 from tests.conftest import run_cli
@@ -89,6 +89,43 @@ def test_adabn_statistics_equal_a_hand_computation():
     restore_bn_state(net, before)
     torch.testing.assert_close(bn.running_mean, torch.zeros(3))
     assert bn.momentum == 0.1
+
+
+def test_adabn_prior_mixes_the_trained_statistics_into_the_domains():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    net.train()
+    net(torch.randn(8, 2, 4, 4) * 3)  # trained statistics that differ from the domain's
+    net.eval()
+    trained = save_bn_state(net)
+    start_domain(net)
+    with adapting(net):
+        net(torch.randn(4, 2, 4, 4) + 2)
+    domain = save_bn_state(net)
+    mix_bn_state(net, trained, 0.3)
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, 0.3 * trained[0]["mean"] + 0.7 * domain[0]["mean"])
+    torch.testing.assert_close(bn.running_var, 0.3 * trained[0]["var"] + 0.7 * domain[0]["var"])
+
+
+def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_store):
+    from rcic.predict.runner import predict_run
+    from rcic.training.fit import build_task
+
+    source = open_source(tiny_store)
+    recipe = load_recipe("cpu-demo", [*TINY, "model.adabn=plate"])
+    dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
+    task = build_task(dm, recipe, "workers", False)
+    task.net.train()
+    with torch.no_grad():  # trained statistics far from any plate's, so that adaptation matters
+        task.net(torch.randn(16, 6, task.input_size, task.input_size) * 4 + 3)
+    logits = {prior: predict_run(task, source, "test", tta=1, accelerator="cpu", adabn_prior=prior)[1]
+              for prior in (None, 0.0, 0.5, 1.0)}
+    without = predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none")[1]
+    np.testing.assert_allclose(logits[1.0], without, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits[0.0], logits[None])  # the recipe's default: plain AdaBN
+    assert np.abs(logits[0.0] - without).max() > 1e-3
+    assert np.abs(logits[0.5] - logits[0.0]).max() > 1e-4 and np.abs(logits[0.5] - without).max() > 1e-4
 
 
 def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeypatch):
@@ -293,4 +330,8 @@ def test_unknown_balance_or_adabn_exits_2_with_one_line(tiny_data, tmp_path):
                    check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == \
         "error: --adabn must be one of recipe, none, plate, experiment, got 'well'"
+    for command in (["predict", tmp_path, "--data", tiny_data, "--out", tmp_path / "p.npz"],
+                    ["evaluate", tmp_path, "--data", tiny_data]):
+        proc = run_cli(*command, "--adabn-prior", "1.5", check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: --adabn-prior must be between 0 and 1, got 1.5"
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "p.npz").exists()

@@ -36,6 +36,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Wells per batch (2
 Workers = Annotated[int, typer.Option("--workers", help="DataLoader workers", min=0)]
 AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (the run's model.adabn), none, plate "
                                                     "or experiment (statistics of each domain's own wells)")]
+AdaBNPrior = Annotated[float | None, typer.Option(
+    "--adabn-prior", help="With AdaBN, the weight (0-1) of the trained BatchNorm statistics mixed into each "
+                          "domain's own; default: the run's model.adabn_prior")]
 Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
                                                         "assignment: none or sinkhorn")]
 Center = Annotated[str, typer.Option("--center", help="none (default): the model's own log-probabilities; plate: "
@@ -384,6 +387,7 @@ def predict(
     devices: Devices = "1",
     precision: Precision = "auto",
     adabn: AdaBN = "recipe",
+    adabn_prior: AdaBNPrior = None,
 ) -> None:
     """Well logits averaged over both sites, D4 TTA and all given runs (Lightning Trainer.predict)."""
     from rcic.predict import predict as run_predict
@@ -400,7 +404,8 @@ def predict(
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update,
-                             devices=_devices(devices), precision=precision, adabn=adabn)
+                             devices=_devices(devices), precision=precision, adabn=adabn,
+                             adabn_prior=adabn_prior)
     if logits is None or is_child_rank():
         return
     save_logits(out, logits)
@@ -449,6 +454,7 @@ def evaluate(
     precision: Precision = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     adabn: AdaBN = "recipe",
+    adabn_prior: AdaBNPrior = None,
     balance: Balance = "none",
     center: Center = "none",
 ) -> None:
@@ -476,7 +482,7 @@ def evaluate(
     with progress_bar(f"evaluate {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, False, update,
                              devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds,
-                             adabn=adabn)
+                             adabn=adabn, adabn_prior=adabn_prior)
     if logits is None or is_child_rank():
         return
     result = evaluate_logits(source.dataset, logits, balance, center)

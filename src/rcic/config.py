@@ -93,6 +93,9 @@ class ModelConfig(_Strict):
     adabn: Literal["none", "plate", "experiment"] = Field(
         "none", description="Domain BatchNorm: statistics recomputed per plate / experiment of the wells being "
                             "validated or predicted")
+    adabn_prior: float = Field(
+        0.0, ge=0.0, le=1.0, description="With AdaBN, the weight of the trained BatchNorm statistics mixed into "
+                                         "each domain's own (0: the domain's alone; 1: no adaptation)")
     center_embeddings: Literal["none", "plate", "experiment"] = Field(
         "none", description="Subtract the plate's / experiment's mean embedding before the head")
 

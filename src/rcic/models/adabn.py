@@ -38,6 +38,19 @@ def restore_bn_state(net: nn.Module, state: list[dict]) -> None:
 
 
 @torch.no_grad()
+def mix_bn_state(net: nn.Module, trained: list[dict], prior: float) -> None:
+    """Pull the adapted statistics towards the trained ones: ``prior`` x trained + (1 - prior) x domain.
+
+    Schneider et al. (NeurIPS 2020) mix source and target statistics this way: a domain estimated
+    from a few hundred images is noisy, and the trained statistics are a prior that a domain with
+    no shift should keep. ``prior`` 0 is plain AdaBN.
+    """
+    for m, saved in zip(batchnorms(net), trained, strict=True):
+        m.running_mean.mul_(1.0 - prior).add_(saved["mean"], alpha=prior)
+        m.running_var.mul_(1.0 - prior).add_(saved["var"], alpha=prior)
+
+
+@torch.no_grad()
 def start_domain(net: nn.Module) -> None:
     """Forget the running statistics; the next forwards in ``adapting`` average theirs cumulatively."""
     for m in batchnorms(net):

@@ -82,18 +82,21 @@ def run_val_experiments(run_dir: Path) -> list[str]:
 ADABN_CHOICES = ("recipe", "none", *DOMAINS)
 
 
-def _check_split(split: str, tta: int, adabn: str = "recipe") -> None:
+def _check_split(split: str, tta: int, adabn: str = "recipe", adabn_prior: float | None = None) -> None:
     if split not in PREDICT_SPLITS:
         raise RcicError(f"--split must be one of {', '.join(PREDICT_SPLITS)}, got {split!r}")
     if tta not in TTA_SETS:
         raise RcicError(f"--tta must be one of {', '.join(map(str, TTA_SETS))}, got {tta}")
     if adabn not in ADABN_CHOICES:
         raise RcicError(f"--adabn must be one of {', '.join(ADABN_CHOICES)}, got {adabn!r}")
+    if adabn_prior is not None and not 0.0 <= adabn_prior <= 1.0:  # NaN fails both
+        raise RcicError(f"--adabn-prior must be between 0 and 1, got {adabn_prior}")
 
 
-def _set_adabn(task: RcicTask, adabn: str) -> None:
+def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | None = None) -> None:
     """The run's own AdaBN (``recipe``) or the one asked for; it must agree with the run's centring domain."""
     task.adabn = task.recipe.model.adabn if adabn == "recipe" else adabn
+    task.adabn_prior = task.recipe.model.adabn_prior if adabn_prior is None else adabn_prior
     center = task.recipe.model.center_embeddings
     if "none" not in (task.adabn, center) and task.adabn != center:
         raise RcicError(f"--adabn {task.adabn}: the run centres its embeddings per {center} "
@@ -104,15 +107,17 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
                 tta: int = 8, batch_size: int = 32, num_workers: int = 0, devices: int | str = 1,
                 precision: str = "auto", accelerator: str = "auto", controls: bool = False,
                 progress: Callable[[int, int], None] | None = None, site_outputs: bool = False,
-                adabn: str = "recipe", any_classes: bool = False):
+                adabn: str = "recipe", any_classes: bool = False, adabn_prior: float | None = None):
     """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere.
 
     ``adabn``: ``recipe`` (the run's ``model.adabn``), ``none``, ``plate`` or ``experiment``; with
-    AdaBN or embedding centring the wells are predicted domain by domain. ``any_classes`` lets a run
-    embed data whose treatments it never saw (an RxRx1 model on RxRx3-core): its logits then mean nothing.
+    AdaBN or embedding centring the wells are predicted domain by domain. ``adabn_prior``: the weight
+    of the trained BatchNorm statistics mixed into each domain's (None: the run's ``model.adabn_prior``).
+    ``any_classes`` lets a run embed data whose treatments it never saw (an RxRx1 model on RxRx3-core):
+    its logits then mean nothing.
     """
-    _check_split(split, tta, adabn)
-    _set_adabn(task, adabn)
+    _check_split(split, tta, adabn, adabn_prior)
+    _set_adabn(task, adabn, adabn_prior)
     recipe = task.recipe
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     if list(dm.classes) != task.classes and not any_classes:
@@ -166,18 +171,19 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
             progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
             accelerator: str = "auto", controls: bool = False, combine: str = "mean",
             site_outputs: bool = False, adabn: str = "recipe", any_classes: bool = False,
-            experiments: list[str] | None = None) -> Logits | None:
+            experiments: list[str] | None = None, adabn_prior: float | None = None) -> Logits | None:
     """Well logits averaged over both sites, the TTA transforms and all given runs.
 
     ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
     agree), ``test``, ``train`` or ``all``; ``controls`` adds the control wells (embeddings).
     ``combine``: features of an ensemble averaged (``mean``) or side by side (``concat``).
     ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
-    ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own).
+    ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own), ``adabn_prior``
+    their ``model.adabn_prior`` (None keeps each run's own).
     ``any_classes``: the runs may have been trained on other treatments (embeddings only; see predict_run).
     ``experiments``: with ``split="val"``, predict these experiments instead of the runs' held-out ones.
     """
-    _check_split(split, tta, adabn)
+    _check_split(split, tta, adabn, adabn_prior)
     run_dirs = [Path(r) for r in run_dirs]
     val_experiments = None
     if experiments is not None and split != "val":
@@ -197,7 +203,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     for i, (run_dir, task) in enumerate(tasks):
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(tasks) * n))
         result = predict_run(task, source, split, val_experiments, tta, batch_size, num_workers, devices,
-                             precision, accelerator, controls, sub, site_outputs, adabn, any_classes)
+                             precision, accelerator, controls, sub, site_outputs, adabn, any_classes,
+                             adabn_prior)
         if result is None:
             continue  # a non-zero DDP rank: rank 0 assembles
         run_wells, logits, feats, site_logits = result
@@ -220,7 +227,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     if embeddings:
         extra["embeddings"] = (np.mean(features, axis=0) if combine == "mean"
                                else np.concatenate(features, axis=1)).astype(np.float32)
-    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint, "adabn": t.adabn})
+    extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint, "adabn": t.adabn,
+                                           "adabn_prior": t.adabn_prior})
                                 for r, t in tasks])
     logits = Logits(wells["id_code"].to_numpy(), (total / len(tasks)).astype(np.float32), list(classes), extra,
                     wells=wells)

@@ -28,7 +28,7 @@ from rcic.config import Recipe, recipe_from_dict
 from rcic.data.augment import TTA_SETS, d4_transform, generator, mix_batch, prepare, step_seed
 from rcic.data.dataset import PHASE_ADAPT, PHASE_MEAN, PHASE_PREDICT
 from rcic.errors import RecipeError
-from rcic.models.adabn import adapting, restore_bn_state, save_bn_state, start_domain
+from rcic.models.adabn import adapting, mix_bn_state, restore_bn_state, save_bn_state, start_domain
 from rcic.models.net import RcicNet, loss_per_sample
 
 
@@ -55,6 +55,7 @@ class RcicTask(L.LightningModule):
         self._val: list[dict[str, torch.Tensor]] = []
         self.__dict__["_compiled"] = None  # not a submodule: the state dict keeps the plain net's keys
         self.adabn: str = self.recipe.model.adabn  # prediction may override it (rcic predict --adabn)
+        self.adabn_prior: float = self.recipe.model.adabn_prior  # and this (--adabn-prior)
         self._bn_saved: list[dict] | None = None
         self._last_phase: int | None = None
         self._mean_sum: torch.Tensor | None = None
@@ -107,6 +108,8 @@ class RcicTask(L.LightningModule):
             if self.adabn != "none":
                 start_domain(self.net)
             self._mean_sum, self._mean_count = None, 0
+        if self._last_phase == PHASE_ADAPT and phase != PHASE_ADAPT and self.adabn_prior > 0:
+            mix_bn_state(self.net, self._bn_saved, self.adabn_prior)  # the domain's statistics are complete
         self._last_phase = phase
         if phase == PHASE_ADAPT:
             with adapting(self.net):
