@@ -158,15 +158,26 @@ def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeyp
                 task.input_size)
     cell = torch.stack([item["cell_type"] for item in items]).repeat_interleave(2)
     net = task.net.eval()
+    trained_bn = save_bn_state(net)
     start_domain(net)
     with adapting(net):
         for start in range(len(items)):  # batches of 1 well (2 sites)
             net(x[start * 2:(start + 1) * 2], cell[start * 2:(start + 1) * 2])
+    adapted_bn = save_bn_state(net)
     with torch.no_grad():
         expected = net(x, cell)["logits"].view(len(items), 2, -1).mean(1).numpy()
     rows_of = {c: i for i, c in enumerate(wells["id_code"])}
     got = logits[[rows_of[c] for c in dataset.wells["id_code"]]]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # with a prior, the statistics are mixed once, after the plate's last adaptation batch (several
+    # adaptation and prediction batches here): the same by hand
+    restore_bn_state(net, adapted_bn)
+    mix_bn_state(net, trained_bn, 0.5)
+    with torch.no_grad():
+        expected = net(x, cell)["logits"].view(len(items), 2, -1).mean(1).numpy()
+    restore_bn_state(net, trained_bn)
+    _, mixed, _, _ = predict_run(task, source, "test", tta=1, batch_size=1, accelerator="cpu", adabn_prior=0.5)
+    np.testing.assert_allclose(mixed[[rows_of[c] for c in dataset.wells["id_code"]]], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_adaptation_batches_are_the_same_sites_per_site_and_per_well(monkeypatch):

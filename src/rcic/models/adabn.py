@@ -5,7 +5,9 @@ statistics learnt on the training plates by those of the plate (or experiment) b
 reset the running statistics, run the domain's images through the network with BatchNorm in
 training mode and ``momentum=None`` (PyTorch's cumulative average of the batch statistics) and no
 gradient, then predict the domain in eval mode. The trained statistics are saved first and put
-back afterwards, so the weights of a run never change.
+back afterwards, so the weights of a run never change. With ``model.adabn_prior`` the adapted
+statistics are pulled towards the trained ones once a domain's adaptation is complete
+(``mix_bn_state``).
 """
 
 from __future__ import annotations

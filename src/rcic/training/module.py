@@ -11,7 +11,8 @@ padding dropped by index, so no well counts twice under DDP).
 Plate-aware keys: with ``model.adabn`` and/or ``model.center_embeddings`` validation and
 prediction go domain by domain (``rcic.data.DomainEvalSampler``): a domain's BatchNorm statistics
 (phase ADAPT) and mean embedding (phase MEAN) are computed from its own sites before its sites are
-predicted (phase PREDICT); the trained BatchNorm statistics are restored afterwards.
+predicted (phase PREDICT), mixed with the trained ones first where ``model.adabn_prior`` > 0; the
+trained BatchNorm statistics are restored afterwards.
 """
 
 from __future__ import annotations
