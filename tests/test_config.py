@@ -115,11 +115,14 @@ CROSS_ERRORS = [
     (["data.sampler=plate", "model.center_embeddings=plate", "model.adabn=experiment"], "model.adabn",
      "experiment with model.center_embeddings: plate: both go domain by domain and must name the same domain"),
     (["augment.cutmix=0.6", "augment.mixup=0.5"], "augment.cutmix", "augment.cutmix + augment.mixup must not exceed 1"),
+    (["model.adabn=none", "model.adabn_prior=0.5"], "model.adabn_prior",
+     "0.5 mixes statistics into AdaBN's and needs model.adabn: plate or experiment"),
 ]
 CROSS_PASSES = [["data.folds=3", "data.fold=2"], ["data.split=wilds", "data.fold=1"],
                 ["model.head=linear", "loss.arcface=0"], ["loss.ce=0", "loss.arcface=0", "loss.focal=1"],
                 ["data.sampler=plate", "model.center_embeddings=plate", "model.adabn=plate"],
-                ["data.sampler=experiment", "model.adabn=experiment"], ["model.adabn=plate"]]
+                ["data.sampler=experiment", "model.adabn=experiment"], ["model.adabn=plate"],
+                ["model.adabn=plate", "model.adabn_prior=1"], ["model.adabn=none", "model.adabn_prior=0"]]
 
 
 @pytest.mark.parametrize("items,key,rule", CROSS_ERRORS, ids=[c[2][:40] for c in CROSS_ERRORS])

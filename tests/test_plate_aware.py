@@ -13,6 +13,7 @@ from rcic.assign import assign_plates, center_log_probs, choose_rotations, plate
 from rcic.config import load_recipe
 from rcic.data import RxRxDataModule
 from rcic.data.dataset import PHASE_ADAPT, PHASE_PREDICT, DomainBatchSampler, DomainEvalSampler, domain_codes
+from rcic.errors import RcicError
 from rcic.models import adapting, mix_bn_state, restore_bn_state, save_bn_state, start_domain
 from rcic.store import open_source
 from rcic.training import fit
@@ -126,6 +127,8 @@ def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_
     np.testing.assert_array_equal(logits[0.0], logits[None])  # the recipe's default: plain AdaBN
     assert np.abs(logits[0.0] - without).max() > 1e-3
     assert np.abs(logits[0.5] - logits[0.0]).max() > 1e-4 and np.abs(logits[0.5] - without).max() > 1e-4
+    with pytest.raises(RcicError, match=r"--adabn-prior 0.5 mixes .* add --adabn plate"):
+        predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior=0.5)
 
 
 def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeypatch):

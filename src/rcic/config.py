@@ -223,6 +223,9 @@ class Recipe(_Strict):
         if "none" not in (m.adabn, m.center_embeddings) and m.adabn != m.center_embeddings:
             raise _cross("model.adabn", f"{m.adabn} with model.center_embeddings: {m.center_embeddings}: both go "
                          "domain by domain and must name the same domain")
+        if m.adabn_prior > 0 and m.adabn == "none":
+            raise _cross("model.adabn_prior", f"{m.adabn_prior} mixes statistics into AdaBN's and needs "
+                         "model.adabn: plate or experiment")
         if self.augment.cutmix + self.augment.mixup > 1:
             raise _cross("augment.cutmix", "augment.cutmix + augment.mixup must not exceed 1")
         return self

@@ -97,6 +97,9 @@ def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | None = None) -> 
     """The run's own AdaBN (``recipe``) or the one asked for; it must agree with the run's centring domain."""
     task.adabn = task.recipe.model.adabn if adabn == "recipe" else adabn
     task.adabn_prior = task.recipe.model.adabn_prior if adabn_prior is None else adabn_prior
+    if adabn_prior and task.adabn == "none":
+        raise RcicError(f"--adabn-prior {adabn_prior} mixes statistics into AdaBN's, and this prediction has "
+                        "none (the run's model.adabn: none, or --adabn none): add --adabn plate")
     center = task.recipe.model.center_embeddings
     if "none" not in (task.adabn, center) and task.adabn != center:
         raise RcicError(f"--adabn {task.adabn}: the run centres its embeddings per {center} "
