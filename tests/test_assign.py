@@ -146,3 +146,25 @@ def test_score_wells_by_hand():
         other = score_wells(wells, log_probs, classes, unusable, center="none")
         assert other["acc_leak"] is None and other["acc"] == result["acc"]
         assert all(s["acc_leak"] is None for s in other["per_cell_type"].values())
+
+
+def test_assignment_agreement_counts_the_wells_the_assignment_leaves_as_they_are():
+    from rcic.assign import assignment_agreement
+
+    # one plate of group 0 (classes 0-3): wells 0 and 1 both lean to class 0, well 1 less, so the
+    # assignment moves well 1 to its second choice (1); wells 2 and 3 already name 2 and 3
+    wells, _, classes, groups, _ = _toy(n_per_group=4, rotation=0)
+    logp = np.full((16, 16), -20.0)
+    plate1 = np.flatnonzero(wells.plate.to_numpy() == 1)
+    for p in range(2, 5):  # the other plates: each well sure of a distinct class of its plate's group
+        rows = np.flatnonzero(wells.plate.to_numpy() == p)
+        logp[rows, [4 * (p - 1) + k for k in range(4)]] = -0.1
+    w0, w1, w2, w3 = plate1
+    logp[w0, 0], logp[w1, 0], logp[w1, 1], logp[w2, 2], logp[w3, 3] = -0.1, -0.5, -0.6, -0.1, -0.1
+    assert assignment_agreement(wells, logp, classes, groups) == pytest.approx(15 / 16)
+    # without plate groups each experiment is assigned as a whole: the same conflict, the same count
+    assert assignment_agreement(wells, logp, classes, None) == pytest.approx(15 / 16)
+    # a well the assignment leaves out (more wells than treatments) counts as disagreeing
+    few = logp[:, :3]
+    three = wells.iloc[plate1[:4]]
+    assert assignment_agreement(three, few[plate1[:4]], classes[:3], None) == pytest.approx(2 / 4)

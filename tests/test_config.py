@@ -122,7 +122,8 @@ CROSS_PASSES = [["data.folds=3", "data.fold=2"], ["data.split=wilds", "data.fold
                 ["model.head=linear", "loss.arcface=0"], ["loss.ce=0", "loss.arcface=0", "loss.focal=1"],
                 ["data.sampler=plate", "model.center_embeddings=plate", "model.adabn=plate"],
                 ["data.sampler=experiment", "model.adabn=experiment"], ["model.adabn=plate"],
-                ["model.adabn=plate", "model.adabn_prior=1"], ["model.adabn=none", "model.adabn_prior=0"]]
+                ["model.adabn=plate", "model.adabn_prior=1"], ["model.adabn=none", "model.adabn_prior=0"],
+                ["model.adabn=none", "model.adabn_prior=auto"]]
 
 
 @pytest.mark.parametrize("items,key,rule", CROSS_ERRORS, ids=[c[2][:40] for c in CROSS_ERRORS])

@@ -3,6 +3,8 @@ centring, Sinkhorn balancing, exact resume with plate batches, and their refusal
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,7 +116,7 @@ def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_
     from rcic.training.fit import build_task
 
     source = open_source(tiny_store)
-    recipe = load_recipe("cpu-demo", [*TINY, "model.adabn=plate"])
+    recipe = load_recipe("cpu-demo", [*TINY, "model.adabn=plate", "model.adabn_prior=0"])
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     task = build_task(dm, recipe, "workers", False)
     task.net.train()
@@ -124,11 +126,54 @@ def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_
               for prior in (None, 0.0, 0.5, 1.0)}
     without = predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none")[1]
     np.testing.assert_allclose(logits[1.0], without, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(logits[0.0], logits[None])  # the recipe's default: plain AdaBN
+    np.testing.assert_array_equal(logits[0.0], logits[None])  # None keeps the recipe's prior (0 here)
     assert np.abs(logits[0.0] - without).max() > 1e-3
     assert np.abs(logits[0.5] - logits[0.0]).max() > 1e-4 and np.abs(logits[0.5] - without).max() > 1e-4
     with pytest.raises(RcicError, match=r"--adabn-prior 0.5 mixes .* add --adabn plate"):
         predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior=0.5)
+
+
+def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_plate_assignment(
+        tiny_store, tmp_path, monkeypatch):
+    """``auto`` (cpu-demo's default) predicts once per prior of the grid and keeps the prediction whose
+    arg-max agrees most with the plate assignment: the same logits as that prior asked for by hand."""
+    from rcic.assign import assignment_agreement, treatment_log_probs
+    from rcic.predict import predict
+    from rcic.predict.runner import ADABN_PRIOR_GRID
+
+    source = open_source(tiny_store)
+    run = tmp_path / "run"
+    run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", run, *[a for t in TINY for a in
+            ("--set", t)], "--set", "trainer.epochs=1")
+    assert load_recipe(str(run / "recipe.yaml")).model.adabn_prior == "auto"
+    chosen = predict([run], source, "test", tta=1, accelerator="cpu")
+    record = json.loads(str(chosen.extra["runs"][0]))["adabn_prior_auto"]
+    treatment_labels = set(source.dataset.vocab.treatment_labels)
+    agreement, fixed_logits = {}, {}
+    for prior in ADABN_PRIOR_GRID:
+        fixed = predict([run], source, "test", tta=1, accelerator="cpu", adabn_prior=prior)
+        treatment = (fixed.wells["well_type"] == "treatment").to_numpy()
+        log_probs, classes = treatment_log_probs(fixed.logits[treatment], fixed.classes, treatment_labels)
+        agreement[prior] = assignment_agreement(fixed.wells[treatment], log_probs, classes,
+                                                source.dataset.plate_groups)
+        fixed_logits[prior] = fixed.logits
+        if prior == record["chosen"]:
+            np.testing.assert_array_equal(chosen.logits, fixed.logits)
+    assert record["agreement"] == {f"{p:g}": pytest.approx(a, abs=1e-6) for p, a in agreement.items()}
+    best = max(agreement.values())
+    assert record["chosen"] == min(p for p, a in agreement.items() if a == best)  # ties: the smaller prior
+    assert json.loads(str(chosen.extra["runs"][0]))["adabn_prior"] == record["chosen"]
+    # the choice is the first best, wherever it lies in the grid (here the tiny run's agreements may tie)
+    import rcic.predict.runner as runner
+
+    scripted = iter([0.1, 0.3, 0.3, 0.2, 0.0])
+    monkeypatch.setattr(runner, "_agreement", lambda *args: next(scripted))
+    second = predict([run], source, "test", tta=1, accelerator="cpu")
+    assert json.loads(str(second.extra["runs"][0]))["adabn_prior_auto"]["chosen"] == 0.25
+    np.testing.assert_array_equal(second.logits, fixed_logits[0.25])
+    # AdaBN switched off: auto has nothing to choose and predicts once, as --adabn none
+    plain = predict([run], source, "test", tta=1, accelerator="cpu", adabn="none")
+    assert "adabn_prior_auto" not in json.loads(str(plain.extra["runs"][0]))
 
 
 def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeypatch):
@@ -346,6 +391,8 @@ def test_unknown_balance_or_adabn_exits_2_with_one_line(tiny_data, tmp_path):
         "error: --adabn must be one of recipe, none, plate, experiment, got 'well'"
     for command in (["predict", tmp_path, "--data", tiny_data, "--out", tmp_path / "p.npz"],
                     ["evaluate", tmp_path, "--data", tiny_data]):
-        proc = run_cli(*command, "--adabn-prior", "1.5", check=False)
-        assert proc.returncode == 2 and proc.stderr.strip() == "error: --adabn-prior must be between 0 and 1, got 1.5"
+        for bad in ("1.5", "often"):
+            proc = run_cli(*command, "--adabn-prior", bad, check=False)
+            assert proc.returncode == 2 and proc.stderr.strip() == \
+                f"error: --adabn-prior must be between 0 and 1, or auto, got {bad!r}"
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "p.npz").exists()

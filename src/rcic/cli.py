@@ -9,6 +9,7 @@ atomically by the library.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,9 +37,10 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Wells per batch (2
 Workers = Annotated[int, typer.Option("--workers", help="DataLoader workers", min=0)]
 AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (the run's model.adabn), none, plate "
                                                     "or experiment (statistics of each domain's own wells)")]
-AdaBNPrior = Annotated[float | None, typer.Option(
+AdaBNPrior = Annotated[str | None, typer.Option(
     "--adabn-prior", help="With AdaBN, the weight (0-1) of the trained BatchNorm statistics mixed into each "
-                          "domain's own; default: the run's model.adabn_prior")]
+                          "domain's own, or auto (each of 0, 0.25, ..., 1 tried; the one whose arg-max agrees "
+                          "most with the plate assignment kept); default: the run's model.adabn_prior")]
 Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
                                                         "assignment: none or sinkhorn")]
 Center = Annotated[str, typer.Option("--center", help="none (default): the model's own log-probabilities; plate: "
@@ -400,17 +402,42 @@ def predict(
     check_output(out, [data, *runs, None if checkpoint in ("best", "last") else checkpoint])
     _devices(devices)  # checked before a model is loaded
     _precision(precision)
+    prior = _adabn_prior(adabn_prior)
     _quiet_lightning()
     source = open_source(data)
     with progress_bar(f"predict {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, embeddings, update,
                              devices=_devices(devices), precision=precision, adabn=adabn,
-                             adabn_prior=adabn_prior)
+                             adabn_prior=prior)
     if logits is None or is_child_rank():
         return
     save_logits(out, logits)
+    _print_prior_choices(logits)
     console.print(f"wrote {out}: {len(logits.id_code)} wells x {len(logits.classes)} classes "
                   f"({len(runs)} run(s), TTA x{tta})")
+
+
+def _print_prior_choices(logits) -> None:
+    """One line per run whose AdaBN prior ``auto`` chose, with every candidate's agreement."""
+    for record in logits.extra.get("runs", []):
+        run = json.loads(str(record))
+        if "adabn_prior_auto" in run:
+            tried = ", ".join(f"{p}: {a:.3f}" for p, a in run["adabn_prior_auto"]["agreement"].items())
+            console.print(f"{run['run']}: AdaBN prior {run['adabn_prior']:g} chosen (arg-max agreeing with the "
+                          f"plate assignment, by prior: {tried})")
+
+
+def _adabn_prior(text: str | None) -> float | str | None:
+    """--adabn-prior: a number in [0, 1] or auto, checked before a model is loaded."""
+    if text is None or text.strip() == "auto":
+        return None if text is None else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails both
+        raise RcicError(f"--adabn-prior must be between 0 and 1, or auto, got {text!r}")
+    return value
 
 
 def _devices(text: str) -> int | str:
@@ -473,6 +500,7 @@ def evaluate(
         raise RcicError(f"--center must be one of {', '.join(CENTERINGS)}, got {center!r}")
     _devices(devices)  # checked before a model is loaded
     _precision(precision)
+    prior = _adabn_prior(adabn_prior)
     _quiet_lightning()
     source = open_source(data)
     wilds = source.dataset.layout == "wilds"
@@ -482,12 +510,14 @@ def evaluate(
     with progress_bar(f"evaluate {split}") as update:
         logits = run_predict(runs, source, split, tta, checkpoint, batch_size, workers, False, update,
                              devices=_devices(devices), precision=precision, controls=wilds, site_outputs=wilds,
-                             adabn=adabn, adabn_prior=adabn_prior)
+                             adabn=adabn, adabn_prior=prior)
     if logits is None or is_child_rank():
         return
     result = evaluate_logits(source.dataset, logits, balance, center)
+    if not as_json:
+        _print_prior_choices(logits)
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(result | {"runs": [json.loads(str(r)) for r in logits.extra.get("runs", [])]}))
         return
     console.print(f"{split}: [bold]acc {_pct(result['acc'])}[/], acc with the plate leak "
                   f"[bold]{_pct(result['acc_leak'])}[/] over {result['wells']} treatment wells")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,11 +94,25 @@ class ModelConfig(_Strict):
     adabn: Literal["none", "plate", "experiment"] = Field(
         "none", description="Domain BatchNorm: statistics recomputed per plate / experiment of the wells being "
                             "validated or predicted")
-    adabn_prior: float = Field(
-        0.0, ge=0.0, le=1.0, description="With AdaBN, the weight of the trained BatchNorm statistics mixed into "
-                                         "each domain's own (0: the domain's alone; 1: no adaptation)")
+    adabn_prior: float | Literal["auto"] = Field(
+        0.0, description="With AdaBN, the weight of the trained BatchNorm statistics mixed into each domain's own "
+                         "(0: the domain's alone; 1: no adaptation); auto: chosen at prediction among 0, 0.25, 0.5, "
+                         "0.75 and 1 by the agreement of arg-max and plate assignment (no labels needed)")
     center_embeddings: Literal["none", "plate", "experiment"] = Field(
         "none", description="Subtract the plate's / experiment's mean embedding before the head")
+
+    @field_validator("adabn_prior", mode="before")
+    @classmethod
+    def _prior(cls, value):
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not 0.0 <= number <= 1.0:  # NaN fails both
+            raise ValueError("must be a number between 0 and 1, or auto")
+        return number
 
 
 class LossConfig(_Strict):
@@ -223,7 +238,7 @@ class Recipe(_Strict):
         if "none" not in (m.adabn, m.center_embeddings) and m.adabn != m.center_embeddings:
             raise _cross("model.adabn", f"{m.adabn} with model.center_embeddings: {m.center_embeddings}: both go "
                          "domain by domain and must name the same domain")
-        if m.adabn_prior > 0 and m.adabn == "none":
+        if m.adabn_prior != "auto" and m.adabn_prior > 0 and m.adabn == "none":  # auto: nothing to choose
             raise _cross("model.adabn_prior", f"{m.adabn_prior} mixes statistics into AdaBN's and needs "
                          "model.adabn: plate or experiment")
         if self.augment.cutmix + self.augment.mixup > 1:

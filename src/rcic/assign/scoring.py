@@ -5,6 +5,7 @@ benchmarks, so the number that picks a checkpoint is the number a submission get
 prediction per well (its sites averaged), treatment wells scored among treatment classes only,
 and ``acc_leak`` after the rotation choice and per-plate assignment of ``rcic.assign.plates``,
 applied to whole held-out experiments exactly as ``rcic submit`` applies it to the test set.
+``assignment_agreement`` needs no labels: it measures how well predictions fit the layout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,35 @@ def mean_by_well(id_codes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
     np.add.at(sums, inverse, values)
     counts = np.bincount(inverse, minlength=len(codes))[:, None]
     return codes, (sums / counts).astype(np.float32)
+
+
+def assignment_agreement(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] | tuple[str, ...],
+                         groups: PlateGroups | None) -> float:
+    """Fraction of treatment wells whose arg-max class is the one the plate assignment gives them.
+
+    No labels are needed. The assignment enforces what the layout guarantees (each siRNA once per
+    plate, from the plate's group): predictions that already respect it agree with it, noisy ones
+    are corrected by it. So among predictions of the same model under different test-time
+    settings, the one with the highest agreement is the most consistent with the plate design;
+    ``rcic.predict`` chooses AdaBN's prior by it (``--adabn-prior auto``; BENCHMARKS.md measures it
+    against accuracy). Without usable plate groups each experiment is assigned as a whole (each
+    treatment at most once); a well the assignment leaves out counts as disagreeing.
+    """
+    wells = wells.reset_index(drop=True)
+    if not len(wells):
+        raise ValueError("no wells to measure the agreement on")
+    argmax = log_probs.argmax(1)
+    if groups is not None and groups.usable:
+        choices = choose_rotations(wells, log_probs, list(classes), groups)
+        assigned = assign_plates(wells, log_probs, list(classes), groups, choices)
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        assigned = np.full(len(wells), -1)
+        for rows in wells.groupby("experiment", sort=False).indices.values():
+            picked, columns = linear_sum_assignment(-log_probs[rows])
+            assigned[rows[picked]] = columns
+    return float((assigned == argmax).mean())
 
 
 def _accuracy(correct: np.ndarray | None, mask: np.ndarray) -> float | None:

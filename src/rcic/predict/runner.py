@@ -80,23 +80,27 @@ def run_val_experiments(run_dir: Path) -> list[str]:
 
 
 ADABN_CHOICES = ("recipe", "none", *DOMAINS)
+# the priors ``auto`` tries: from plain AdaBN (0) to the trained statistics alone (1)
+ADABN_PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _check_split(split: str, tta: int, adabn: str = "recipe", adabn_prior: float | None = None) -> None:
+def _check_split(split: str, tta: int, adabn: str = "recipe", adabn_prior: float | str | None = None) -> None:
     if split not in PREDICT_SPLITS:
         raise RcicError(f"--split must be one of {', '.join(PREDICT_SPLITS)}, got {split!r}")
     if tta not in TTA_SETS:
         raise RcicError(f"--tta must be one of {', '.join(map(str, TTA_SETS))}, got {tta}")
     if adabn not in ADABN_CHOICES:
         raise RcicError(f"--adabn must be one of {', '.join(ADABN_CHOICES)}, got {adabn!r}")
-    if adabn_prior is not None and not 0.0 <= adabn_prior <= 1.0:  # NaN fails both
-        raise RcicError(f"--adabn-prior must be between 0 and 1, got {adabn_prior}")
+    if adabn_prior is not None and adabn_prior != "auto" and not 0.0 <= adabn_prior <= 1.0:  # NaN fails both
+        raise RcicError(f"--adabn-prior must be between 0 and 1, or auto, got {adabn_prior}")
 
 
-def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | None = None) -> None:
-    """The run's own AdaBN (``recipe``) or the one asked for; it must agree with the run's centring domain."""
+def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | str | None = None) -> float | str:
+    """The run's own AdaBN (``recipe``) or the one asked for; it must agree with the run's centring domain.
+
+    Returns the prior in force: a number (also set on the task) or ``auto`` (``predict`` tries each)."""
     task.adabn = task.recipe.model.adabn if adabn == "recipe" else adabn
-    task.adabn_prior = task.recipe.model.adabn_prior if adabn_prior is None else adabn_prior
+    prior = task.recipe.model.adabn_prior if adabn_prior is None else adabn_prior
     if adabn_prior and task.adabn == "none":
         raise RcicError(f"--adabn-prior {adabn_prior} mixes statistics into AdaBN's, and this prediction has "
                         "none (the run's model.adabn: none, or --adabn none): add --adabn plate")
@@ -104,23 +108,35 @@ def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | None = None) -> 
     if "none" not in (task.adabn, center) and task.adabn != center:
         raise RcicError(f"--adabn {task.adabn}: the run centres its embeddings per {center} "
                         f"(model.center_embeddings), so AdaBN must use that domain too ({center} or none)")
+    if prior == "auto" and task.adabn == "none":
+        prior = 0.0  # the recipe's auto, with AdaBN switched off: no statistics to mix
+    if prior != "auto":
+        task.adabn_prior = float(prior)
+    return prior
 
 
 def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments: list[str] | None = None,
                 tta: int = 8, batch_size: int = 32, num_workers: int = 0, devices: int | str = 1,
                 precision: str = "auto", accelerator: str = "auto", controls: bool = False,
                 progress: Callable[[int, int], None] | None = None, site_outputs: bool = False,
-                adabn: str = "recipe", any_classes: bool = False, adabn_prior: float | None = None):
+                adabn: str = "recipe", any_classes: bool = False, adabn_prior: float | str | None = None):
     """Well logits and features of one run: (wells frame, logits, features) on rank 0, None elsewhere.
 
     ``adabn``: ``recipe`` (the run's ``model.adabn``), ``none``, ``plate`` or ``experiment``; with
     AdaBN or embedding centring the wells are predicted domain by domain. ``adabn_prior``: the weight
-    of the trained BatchNorm statistics mixed into each domain's (None: the run's ``model.adabn_prior``).
+    of the trained BatchNorm statistics mixed into each domain's (None: the run's ``model.adabn_prior``),
+    or ``auto``: one prediction per prior of ``ADABN_PRIOR_GRID``, the one whose arg-max agrees most
+    with the plate assignment kept (``_predict_choosing_prior``; the choice in ``task.adabn_prior_choice``).
     ``any_classes`` lets a run embed data whose treatments it never saw (an RxRx1 model on RxRx3-core):
     its logits then mean nothing.
     """
     _check_split(split, tta, adabn, adabn_prior)
-    _set_adabn(task, adabn, adabn_prior)
+    task.adabn_prior_choice = None
+    if _set_adabn(task, adabn, adabn_prior) == "auto":
+        if not any_classes:
+            return _predict_choosing_prior(task, source, split, val_experiments, tta, batch_size, num_workers,
+                                           devices, precision, accelerator, controls, progress, site_outputs, adabn)
+        task.adabn_prior = 0.0  # logits of treatments the run never saw cannot be assigned: plain AdaBN
     recipe = task.recipe
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     if list(dm.classes) != task.classes and not any_classes:
@@ -169,12 +185,48 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
     return wells, out["logits"], out["features"], out.get("site_logits")
 
 
+def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val_experiments, tta: int,
+                            batch_size: int, num_workers: int, devices, precision: str, accelerator: str,
+                            controls: bool, progress, site_outputs: bool, adabn: str):
+    """``adabn_prior: auto``: one prediction per prior of ``ADABN_PRIOR_GRID``; the one whose arg-max
+    agrees most with the plate assignment is returned (ties: the smaller prior), and the choice with
+    every candidate's agreement is left in ``task.adabn_prior_choice`` (None on non-zero DDP ranks,
+    which take part in every candidate and return None)."""
+    best, choice = None, {"chosen": None, "agreement": {}}
+    for j, prior in enumerate(ADABN_PRIOR_GRID):
+        sub = None if progress is None else (
+            lambda d, n, j=j: progress(j * n + d, len(ADABN_PRIOR_GRID) * n))
+        result = predict_run(task, source, split, val_experiments, tta, batch_size, num_workers, devices,
+                             precision, accelerator, controls, sub, site_outputs, adabn, False, prior)
+        if result is None:
+            continue
+        agreement = _agreement(source, result[0], result[1], task.classes)
+        log.info("AdaBN prior %g: arg-max agrees with the plate assignment on %.4f of the wells", prior, agreement)
+        choice["agreement"][f"{prior:g}"] = round(agreement, 6)
+        if best is None or agreement > choice["agreement"][f"{choice['chosen']:g}"]:
+            best, choice["chosen"] = result, prior
+    task.adabn_prior = choice["chosen"] if best is not None else 0.0
+    task.adabn_prior_choice = choice if best is not None else None
+    return best
+
+
+def _agreement(source: ImageSource, wells, logits: np.ndarray, classes: list[str]) -> float:
+    """How well one candidate's predictions fit the plate layout (``rcic.assign.assignment_agreement``),
+    on its treatment wells and treatment classes: the label-free score that ``auto`` maximises."""
+    from rcic.assign import assignment_agreement, treatment_log_probs
+
+    treatment = (wells["well_type"] == "treatment").to_numpy()
+    log_probs, treatment_classes = treatment_log_probs(
+        logits[treatment], classes, set(source.dataset.vocab.treatment_labels))
+    return assignment_agreement(wells[treatment], log_probs, treatment_classes, source.dataset.plate_groups)
+
+
 def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test", tta: int = 8,
             checkpoint: str = "best", batch_size: int = 32, num_workers: int = 0, embeddings: bool = False,
             progress: Callable[[int, int], None] | None = None, devices: int | str = 1, precision: str = "auto",
             accelerator: str = "auto", controls: bool = False, combine: str = "mean",
             site_outputs: bool = False, adabn: str = "recipe", any_classes: bool = False,
-            experiments: list[str] | None = None, adabn_prior: float | None = None) -> Logits | None:
+            experiments: list[str] | None = None, adabn_prior: float | str | None = None) -> Logits | None:
     """Well logits averaged over both sites, the TTA transforms and all given runs.
 
     ``split``: ``val`` (the held-out experiments recorded in the runs' ``run.json``, which must
@@ -182,7 +234,11 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     ``combine``: features of an ensemble averaged (``mean``) or side by side (``concat``).
     ``site_outputs`` keeps each site's logits too (``Logits.site_logits``, not stored in files).
     ``adabn`` overrides the runs' ``model.adabn`` (``recipe`` keeps each run's own), ``adabn_prior``
-    their ``model.adabn_prior`` (None keeps each run's own).
+    their ``model.adabn_prior`` (None keeps each run's own). A prior of ``auto`` predicts each run once
+    per prior of ``ADABN_PRIOR_GRID`` and keeps the prediction whose arg-max agrees most with the plate
+    assignment (``rcic.assign.assignment_agreement``: no labels; ties go to the smaller prior); the
+    choice and every candidate's agreement are recorded in ``extra["runs"]``. It costs one prediction
+    per candidate.
     ``any_classes``: the runs may have been trained on other treatments (embeddings only; see predict_run).
     ``experiments``: with ``split="val"``, predict these experiments instead of the runs' held-out ones.
     """
@@ -231,7 +287,9 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
         extra["embeddings"] = (np.mean(features, axis=0) if combine == "mean"
                                else np.concatenate(features, axis=1)).astype(np.float32)
     extra["runs"] = np.asarray([json.dumps({"run": str(r), "tta": tta, "checkpoint": checkpoint, "adabn": t.adabn,
-                                           "adabn_prior": t.adabn_prior})
+                                           "adabn_prior": t.adabn_prior}
+                                          | ({"adabn_prior_auto": t.adabn_prior_choice} if t.adabn_prior_choice
+                                             else {}))
                                 for r, t in tasks])
     logits = Logits(wells["id_code"].to_numpy(), (total / len(tasks)).astype(np.float32), list(classes), extra,
                     wells=wells)

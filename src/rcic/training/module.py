@@ -11,8 +11,8 @@ padding dropped by index, so no well counts twice under DDP).
 Plate-aware keys: with ``model.adabn`` and/or ``model.center_embeddings`` validation and
 prediction go domain by domain (``rcic.data.DomainEvalSampler``): a domain's BatchNorm statistics
 (phase ADAPT) and mean embedding (phase MEAN) are computed from its own sites before its sites are
-predicted (phase PREDICT), mixed with the trained ones first where ``model.adabn_prior`` > 0; the
-trained BatchNorm statistics are restored afterwards.
+predicted (phase PREDICT), mixed with the trained ones first where ``model.adabn_prior`` > 0 (``auto``:
+0 in validation; ``rcic.predict`` chooses it); the trained BatchNorm statistics are restored afterwards.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class RcicTask(L.LightningModule):
         self._val: list[dict[str, torch.Tensor]] = []
         self.__dict__["_compiled"] = None  # not a submodule: the state dict keeps the plain net's keys
         self.adabn: str = self.recipe.model.adabn  # prediction may override it (rcic predict --adabn)
-        self.adabn_prior: float = self.recipe.model.adabn_prior  # and this (--adabn-prior)
+        # and this (--adabn-prior). ``auto`` is chosen by rcic.predict, which runs each candidate; validation
+        # during training has no such choice and uses plain AdaBN
+        prior = self.recipe.model.adabn_prior
+        self.adabn_prior: float = 0.0 if prior == "auto" else prior
+        self.adabn_prior_choice: dict | None = None  # what auto chose at prediction, and why (rcic.predict)
         self._bn_saved: list[dict] | None = None
         self._last_phase: int | None = None
         self._mean_sum: torch.Tensor | None = None
