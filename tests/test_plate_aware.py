@@ -174,6 +174,8 @@ def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_
     # AdaBN switched off: auto has nothing to choose and predicts once, as --adabn none
     plain = predict([run], source, "test", tta=1, accelerator="cpu", adabn="none")
     assert "adabn_prior_auto" not in json.loads(str(plain.extra["runs"][0]))
+    with pytest.raises(RcicError, match=r"--adabn-prior auto chooses .* add --adabn plate"):  # asked for, both
+        predict([run], source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior="auto")
 
 
 def test_adabn_prediction_adapts_each_plate_on_its_own_sites(tiny_store, monkeypatch):

@@ -102,7 +102,8 @@ def _set_adabn(task: RcicTask, adabn: str, adabn_prior: float | str | None = Non
     task.adabn = task.recipe.model.adabn if adabn == "recipe" else adabn
     prior = task.recipe.model.adabn_prior if adabn_prior is None else adabn_prior
     if adabn_prior and task.adabn == "none":
-        raise RcicError(f"--adabn-prior {adabn_prior} mixes statistics into AdaBN's, and this prediction has "
+        what = "chooses how much to mix into" if adabn_prior == "auto" else "mixes statistics into"
+        raise RcicError(f"--adabn-prior {adabn_prior} {what} AdaBN's, and this prediction has "
                         "none (the run's model.adabn: none, or --adabn none): add --adabn plate")
     center = task.recipe.model.center_embeddings
     if "none" not in (task.adabn, center) and task.adabn != center:
