@@ -133,10 +133,16 @@ def recipe_value(overrides: list[str], key: str):
     return getattr(getattr(load_recipe("cpu-demo", overrides), section), name)
 
 
-def test_logits(runs: list[Path], source, path: Path, adabn: str = "recipe") -> Path:
+def test_logits(runs: list[Path], source, path: Path, adabn: str = "recipe", adabn_prior=None) -> Path:
     if not path.is_file():
-        save_logits(path, predict(runs, source, split="test", tta=8, batch_size=64, adabn=adabn))
+        save_logits(path, predict(runs, source, split="test", tta=8, batch_size=64, adabn=adabn,
+                                  adabn_prior=adabn_prior))
     return path
+
+
+def prior_tag(prior) -> str:
+    """The cache-name part of a non-zero AdaBN prior (``auto`` included): older logits were plain AdaBN."""
+    return "" if prior in (0, 0.0, None) else f"-prior-{prior}"
 
 
 def make_set(name: str, out: Path) -> tuple[Path, object, Path]:
@@ -159,7 +165,9 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     # AdaBN acts at prediction only: the shipped recipe's setting is applied to the run, and the same
     # weights without it are "no plate-aware": the recipe without them
     adabn = recipe_value(common, "model.adabn")
-    final = test_logits([every], source, folder / f"test_all-adabn-{adabn}.npz", adabn)
+    # the recipe's prior, given explicitly: a reused run folder may have been trained by an older recipe
+    prior = recipe_value(common, "model.adabn_prior") if adabn != "none" else None
+    final = test_logits([every], source, folder / f"test_all-adabn-{adabn}{prior_tag(prior)}.npz", adabn, prior)
     row = {"set": name, "chance": 1 / source.dataset.vocab.n_treatments,
            "seconds": round(float((every / "seconds.txt").read_text())), "cpu s": round(cpu_all)}
     row["cpu-demo"], row["cpu-demo+leak"] = cli_accuracy(store, final, answers)
@@ -181,11 +189,11 @@ def run_set(name: str, out: Path, overrides: list[str], folds: bool) -> dict:
     row["plate-aware gain+leak"] = row["cpu-demo+leak"] - row["no plate-aware+leak"]
     if folds:
         runs = [train(source, folder / f"fold{k}", [*common, f"data.fold={k}"])[0] for k in range(3)]
-        row["3-fold"], row["3-fold+leak"] = cli_accuracy(store, test_logits(runs, source, folder / "test_3fold.npz",
-                                                                            adabn), answers)
+        row["3-fold"], row["3-fold+leak"] = cli_accuracy(store, test_logits(
+            runs, source, folder / f"test_3fold{prior_tag(prior)}.npz", adabn, prior), answers)
         extra = leak_pseudo_labels(source.dataset, load_logits(final), 0.5)
         pseudo, _, _ = train(source, folder / "pseudo", [*common, "data.fold=all"], extra=extra)
-        pseudo_logits = test_logits([pseudo], source, folder / "test_pseudo.npz", adabn)
+        pseudo_logits = test_logits([pseudo], source, folder / f"test_pseudo{prior_tag(prior)}.npz", adabn, prior)
         row["pseudo"], row["pseudo+leak"] = cli_accuracy(store, pseudo_logits, answers)
     return row
 
@@ -218,7 +226,11 @@ def run_ablation(name: str, out: Path, overrides: list[str], combo: list[str], o
             run_dir = folder / ("all-" + "+".join(o.split(".")[-1].replace("=", "-") for o in extra))
         run, seconds, _ = train(source, run_dir, [*common, *extra])
         adabn = "none" if adabn == "recipe" else adabn  # not the run's recipe: a shared run may have AdaBN on
-        logits = test_logits([run], source, run_dir.parent / f"test_{run_dir.name}-adabn-{adabn}.npz", adabn)
+        # AdaBN as a technique alone is plain AdaBN; the combined row is the shipped recipe, prior included
+        prior = None if adabn == "none" else (recipe_value(overrides, "model.adabn_prior") if label == "combined"
+                                               else 0.0)
+        logits = test_logits([run], source, run_dir.parent / f"test_{run_dir.name}-adabn-{adabn}{prior_tag(prior)}.npz",
+                             adabn, prior)
         row = {"set": name, "technique": label}
         for center in ("none", "plate"):
             suffix = "" if center == "none" else " centred"

@@ -162,9 +162,9 @@ def test_assignment_agreement_counts_the_wells_the_assignment_leaves_as_they_are
     w0, w1, w2, w3 = plate1
     logp[w0, 0], logp[w1, 0], logp[w1, 1], logp[w2, 2], logp[w3, 3] = -0.1, -0.5, -0.6, -0.1, -0.1
     assert assignment_agreement(wells, logp, classes, groups) == pytest.approx(15 / 16)
-    # without plate groups each experiment is assigned as a whole: the same conflict, the same count
-    assert assignment_agreement(wells, logp, classes, None) == pytest.approx(15 / 16)
-    # a well the assignment leaves out (more wells than treatments) counts as disagreeing
-    few = logp[:, :3]
-    three = wells.iloc[plate1[:4]]
-    assert assignment_agreement(three, few[plate1[:4]], classes[:3], None) == pytest.approx(2 / 4)
+    # well 1 sure of class 1 too: nothing left to correct
+    logp[w1, 1] = -0.05
+    assert assignment_agreement(wells, logp, classes, groups) == 1.0
+    for unusable in (None, PlateGroups(groups.groups[:3])):  # as the leak, it needs the 4 plate groups
+        with pytest.raises(ValueError, match="4 usable plate groups"):
+            assignment_agreement(wells, logp, classes, unusable)

@@ -68,6 +68,8 @@ FIELD_ERRORS = [
                                         "or a fraction of the epoch in (0, 1] (got 0.0)"),
     ("trainer.devices=0", "recipe key trainer.devices: must be a number of devices (>= 1) or auto (got 0)"),
     ("trainer.devices=1025", "recipe key trainer.devices: must be a number of devices (>= 1) or auto (got 1025)"),
+    *[(f"model.adabn_prior={v}", f"recipe key model.adabn_prior: must be a number between 0 and 1, or auto (got {g})")
+      for v, g in (("1.5", "1.5"), ("-0.1", "-0.1"), ("often", "'often'"), ("true", "True"), ("nan", "'nan'"))],
 ]
 
 

@@ -166,7 +166,7 @@ def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_
     # the choice is the first best, wherever it lies in the grid (here the tiny run's agreements may tie)
     import rcic.predict.runner as runner
 
-    scripted = iter([0.1, 0.3, 0.3, 0.2, 0.0])
+    scripted = iter([0.1, 1 / 3, 1 / 3, 0.2, 0.0])  # a tie that rounding in the record must not break
     monkeypatch.setattr(runner, "_agreement", lambda *args: next(scripted))
     second = predict([run], source, "test", tta=1, accelerator="cpu")
     assert json.loads(str(second.extra["runs"][0]))["adabn_prior_auto"]["chosen"] == 0.25
@@ -174,6 +174,10 @@ def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_
     # AdaBN switched off: auto has nothing to choose and predicts once, as --adabn none
     plain = predict([run], source, "test", tta=1, accelerator="cpu", adabn="none")
     assert "adabn_prior_auto" not in json.loads(str(plain.extra["runs"][0]))
+    # nothing to assign (an RxRx1 model embedding other treatments): plain AdaBN, recorded as skipped
+    embedded = predict([run], source, "test", tta=1, accelerator="cpu", any_classes=True)
+    assert json.loads(str(embedded.extra["runs"][0]))["adabn_prior_auto"]["skipped"].endswith("(any_classes)")
+    np.testing.assert_array_equal(embedded.logits, fixed_logits[0.0])
     with pytest.raises(RcicError, match=r"--adabn-prior auto chooses .* add --adabn plate"):  # asked for, both
         predict([run], source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior="auto")
 

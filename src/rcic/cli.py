@@ -421,7 +421,10 @@ def _print_prior_choices(logits) -> None:
     """One line per run whose AdaBN prior ``auto`` chose, with every candidate's agreement."""
     for record in logits.extra.get("runs", []):
         run = json.loads(str(record))
-        if "adabn_prior_auto" in run:
+        if "skipped" in run.get("adabn_prior_auto", {}):
+            console.print(f"{run['run']}: AdaBN prior auto is plain AdaBN (prior 0) here: "
+                          f"{run['adabn_prior_auto']['skipped']}")
+        elif "adabn_prior_auto" in run:
             tried = ", ".join(f"{p}: {a:.3f}" for p, a in run["adabn_prior_auto"]["agreement"].items())
             console.print(f"{run['run']}: AdaBN prior {run['adabn_prior']:g} chosen (arg-max agreeing with the "
                           f"plate assignment, by prior: {tried})")

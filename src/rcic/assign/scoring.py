@@ -27,7 +27,7 @@ def mean_by_well(id_codes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
 
 
 def assignment_agreement(wells: pd.DataFrame, log_probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                         groups: PlateGroups | None) -> float:
+                         groups: PlateGroups) -> float:
     """Fraction of treatment wells whose arg-max class is the one the plate assignment gives them.
 
     No labels are needed. The assignment enforces what the layout guarantees (each siRNA once per
@@ -35,24 +35,16 @@ def assignment_agreement(wells: pd.DataFrame, log_probs: np.ndarray, classes: li
     are corrected by it. So among predictions of the same model under different test-time
     settings, the one with the highest agreement is the most consistent with the plate design;
     ``rcic.predict`` chooses AdaBN's prior by it (``--adabn-prior auto``; BENCHMARKS.md measures it
-    against accuracy). Without usable plate groups each experiment is assigned as a whole (each
-    treatment at most once); a well the assignment leaves out counts as disagreeing.
+    against accuracy). It needs the plate groups (``groups.usable``), as the leak does.
     """
+    if groups is None or not groups.usable:
+        raise ValueError("the agreement with the plate assignment needs 4 usable plate groups")
     wells = wells.reset_index(drop=True)
-    if not len(wells):
-        raise ValueError("no wells to measure the agreement on")
-    argmax = log_probs.argmax(1)
-    if groups is not None and groups.usable:
-        choices = choose_rotations(wells, log_probs, list(classes), groups)
-        assigned = assign_plates(wells, log_probs, list(classes), groups, choices)
-    else:
-        from scipy.optimize import linear_sum_assignment
-
-        assigned = np.full(len(wells), -1)
-        for rows in wells.groupby("experiment", sort=False).indices.values():
-            picked, columns = linear_sum_assignment(-log_probs[rows])
-            assigned[rows[picked]] = columns
-    return float((assigned == argmax).mean())
+    if not len(wells) or not len(classes):
+        raise ValueError("no treatment wells or classes to measure the agreement on")
+    choices = choose_rotations(wells, log_probs, list(classes), groups)
+    assigned = assign_plates(wells, log_probs, list(classes), groups, choices)
+    return float((assigned == log_probs.argmax(1)).mean())
 
 
 def _accuracy(correct: np.ndarray | None, mask: np.ndarray) -> float | None:

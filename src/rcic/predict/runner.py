@@ -134,10 +134,13 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
     _check_split(split, tta, adabn, adabn_prior)
     task.adabn_prior_choice = None
     if _set_adabn(task, adabn, adabn_prior) == "auto":
-        if not any_classes:
+        skipped = ("the run embeds treatments it never saw (any_classes)" if any_classes
+                   else None if source.dataset.plate_groups.usable else "the data has no 4 usable plate groups")
+        if skipped is None:
             return _predict_choosing_prior(task, source, split, val_experiments, tta, batch_size, num_workers,
                                            devices, precision, accelerator, controls, progress, site_outputs, adabn)
-        task.adabn_prior = 0.0  # logits of treatments the run never saw cannot be assigned: plain AdaBN
+        log.info("AdaBN prior auto: plain AdaBN (prior 0), since %s to choose by", skipped)
+        task.adabn_prior, task.adabn_prior_choice = 0.0, {"chosen": 0.0, "skipped": skipped}
     recipe = task.recipe
     dm = RxRxDataModule(source, recipe.data, recipe.augment, recipe.seed)
     if list(dm.classes) != task.classes and not any_classes:
@@ -193,7 +196,7 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
     agrees most with the plate assignment is returned (ties: the smaller prior), and the choice with
     every candidate's agreement is left in ``task.adabn_prior_choice`` (None on non-zero DDP ranks,
     which take part in every candidate and return None)."""
-    best, choice = None, {"chosen": None, "agreement": {}}
+    best, best_agreement, choice = None, -1.0, {"chosen": 0.0, "agreement": {}}
     for j, prior in enumerate(ADABN_PRIOR_GRID):
         sub = None if progress is None else (
             lambda d, n, j=j: progress(j * n + d, len(ADABN_PRIOR_GRID) * n))
@@ -202,23 +205,31 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
         if result is None:
             continue
         agreement = _agreement(source, result[0], result[1], task.classes)
+        if agreement is None:  # no treatment wells (controls only): nothing to assign, plain AdaBN. No early
+            # exit: under DDP the other ranks run every candidate, and rank 0 must take part in each
+            if best is None:
+                best, choice = result, {"chosen": prior, "skipped": "no treatment wells to assign"}
+            continue
         log.info("AdaBN prior %g: arg-max agrees with the plate assignment on %.4f of the wells", prior, agreement)
         choice["agreement"][f"{prior:g}"] = round(agreement, 6)
-        if best is None or agreement > choice["agreement"][f"{choice['chosen']:g}"]:
-            best, choice["chosen"] = result, prior
-    task.adabn_prior = choice["chosen"] if best is not None else 0.0
+        if agreement > best_agreement:  # strictly: a tie keeps the smaller prior
+            best, best_agreement, choice["chosen"] = result, agreement, prior
+    task.adabn_prior = choice["chosen"]
     task.adabn_prior_choice = choice if best is not None else None
     return best
 
 
-def _agreement(source: ImageSource, wells, logits: np.ndarray, classes: list[str]) -> float:
+def _agreement(source: ImageSource, wells, logits: np.ndarray, classes: list[str]) -> float | None:
     """How well one candidate's predictions fit the plate layout (``rcic.assign.assignment_agreement``),
-    on its treatment wells and treatment classes: the label-free score that ``auto`` maximises."""
+    on its treatment wells and treatment classes: the label-free score that ``auto`` maximises (None
+    where there is no treatment well or class to assign)."""
     from rcic.assign import assignment_agreement, treatment_log_probs
 
     treatment = (wells["well_type"] == "treatment").to_numpy()
     log_probs, treatment_classes = treatment_log_probs(
         logits[treatment], classes, set(source.dataset.vocab.treatment_labels))
+    if not treatment.any() or not treatment_classes:
+        return None
     return assignment_agreement(wells[treatment], log_probs, treatment_classes, source.dataset.plate_groups)
 
 
@@ -239,7 +250,8 @@ def predict(run_dirs: list[str | Path], source: ImageSource, split: str = "test"
     per prior of ``ADABN_PRIOR_GRID`` and keeps the prediction whose arg-max agrees most with the plate
     assignment (``rcic.assign.assignment_agreement``: no labels; ties go to the smaller prior); the
     choice and every candidate's agreement are recorded in ``extra["runs"]``. It costs one prediction
-    per candidate.
+    per candidate. Where there is nothing to assign (no 4 usable plate groups, ``any_classes`` as
+    ``rcic embed`` predicts, no treatment wells) ``auto`` is plain AdaBN (prior 0), recorded as skipped.
     ``any_classes``: the runs may have been trained on other treatments (embeddings only; see predict_run).
     ``experiments``: with ``split="val"``, predict these experiments instead of the runs' held-out ones.
     """
