@@ -9,7 +9,6 @@ atomically by the library.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -431,16 +430,15 @@ def _print_prior_choices(logits) -> None:
 
 
 def _adabn_prior(text: str | None) -> float | str | None:
-    """--adabn-prior: a number in [0, 1] or auto, checked before a model is loaded."""
-    if text is None or text.strip() == "auto":
-        return None if text is None else "auto"
+    """--adabn-prior: the recipe key's rule (a number in [0, 1] or auto), checked before a model is loaded."""
+    from rcic.config import parse_adabn_prior
+
+    if text is None:
+        return None
     try:
-        value = float(text)
+        return parse_adabn_prior(text)
     except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:  # NaN fails both
-        raise RcicError(f"--adabn-prior must be between 0 and 1, or auto, got {text!r}")
-    return value
+        raise RcicError(f"--adabn-prior must be between 0 and 1, or auto, got {text!r}") from None
 
 
 def _devices(text: str) -> int | str:
@@ -517,11 +515,10 @@ def evaluate(
     if logits is None or is_child_rank():
         return
     result = evaluate_logits(source.dataset, logits, balance, center)
-    if not as_json:
-        _print_prior_choices(logits)
     if as_json:
         print(json.dumps(result | {"runs": [json.loads(str(r)) for r in logits.extra.get("runs", [])]}))
         return
+    _print_prior_choices(logits)
     console.print(f"{split}: [bold]acc {_pct(result['acc'])}[/], acc with the plate leak "
                   f"[bold]{_pct(result['acc_leak'])}[/] over {result['wells']} treatment wells")
     _table("By cell type", pd.DataFrame([{"cell_type": c, "acc": _pct(v["acc"]), "acc_leak": _pct(v["acc_leak"])}

@@ -80,6 +80,19 @@ class NeckConfig(_Strict):
     dim: int | None = Field(None, ge=8, description="Linear projection before the head; None = none")
 
 
+def parse_adabn_prior(value) -> float | str:
+    """``model.adabn_prior`` and ``--adabn-prior``: a number in [0, 1], or ``auto``; ValueError otherwise."""
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:  # NaN fails both
+        raise ValueError("must be a number between 0 and 1, or auto")
+    return number
+
+
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
     backbone_args: dict[str, Any] = Field(
@@ -104,15 +117,7 @@ class ModelConfig(_Strict):
     @field_validator("adabn_prior", mode="before")
     @classmethod
     def _prior(cls, value):
-        if value == "auto":
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not 0.0 <= number <= 1.0:  # NaN fails both
-            raise ValueError("must be a number between 0 and 1, or auto")
-        return number
+        return parse_adabn_prior(value)
 
 
 class LossConfig(_Strict):
