@@ -141,8 +141,9 @@ def test_logits(runs: list[Path], source, path: Path, adabn: str = "recipe", ada
 
 
 def prior_tag(prior) -> str:
-    """The cache-name part of a non-zero AdaBN prior (``auto`` included): older logits were plain AdaBN."""
-    return "" if prior in (0, 0.0, None) else f"-prior-{prior}"
+    """The cache-name part of a non-zero AdaBN prior (``auto`` included): older logits were plain AdaBN,
+    and ``auto`` blends its candidates since 2026-12-08 (before, it kept the best one: ``-prior-auto``)."""
+    return "" if prior in (0, 0.0, None) else "-prior-auto-blend" if prior == "auto" else f"-prior-{prior}"
 
 
 def make_set(name: str, out: Path) -> tuple[Path, object, Path]:

@@ -133,10 +133,20 @@ def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_
         predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior=0.5)
 
 
-def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_plate_assignment(
+def _blend(fixed_logits: dict, agreement: dict) -> np.ndarray:
+    """``auto`` computed by hand: the candidates' log-softmax, weighted by exp(50 x (agreement - best))."""
+    best = max(agreement.values())
+    weights = {p: np.exp(50.0 * (a - best)) for p, a in agreement.items()}
+    total = sum(weights[p] * torch.log_softmax(torch.from_numpy(fixed_logits[p]).double(), 1).numpy()
+                for p in fixed_logits)
+    return total / sum(weights.values())
+
+
+def test_adabn_prior_auto_blends_the_candidates_by_their_agreement_with_the_plate_assignment(
         tiny_store, tmp_path, monkeypatch):
-    """``auto`` (cpu-demo's default) predicts once per prior of the grid and keeps the prediction whose
-    arg-max agrees most with the plate assignment: the same logits as that prior asked for by hand."""
+    """``auto`` (cpu-demo's default) predicts once per prior of the grid and blends the predictions, each
+    weighted by how well its arg-max agrees with the plate assignment: equal to a blend, by hand, of the
+    priors asked for one by one; the best candidate is recorded as chosen."""
     from rcic.assign import assignment_agreement, treatment_log_probs
     from rcic.predict import predict
     from rcic.predict.runner import ADABN_PRIOR_GRID
@@ -146,31 +156,41 @@ def test_adabn_prior_auto_keeps_the_candidate_whose_argmax_agrees_most_with_the_
     run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", run, *[a for t in TINY for a in
             ("--set", t)], "--set", "trainer.epochs=1")
     assert load_recipe(str(run / "recipe.yaml")).model.adabn_prior == "auto"
-    chosen = predict([run], source, "test", tta=1, accelerator="cpu")
-    record = json.loads(str(chosen.extra["runs"][0]))["adabn_prior_auto"]
+    blended = predict([run], source, "test", tta=1, accelerator="cpu", embeddings=True)
+    record = json.loads(str(blended.extra["runs"][0]))["adabn_prior_auto"]
     treatment_labels = set(source.dataset.vocab.treatment_labels)
-    agreement, fixed_logits = {}, {}
+    agreement, fixed_logits, fixed_features = {}, {}, {}
     for prior in ADABN_PRIOR_GRID:
-        fixed = predict([run], source, "test", tta=1, accelerator="cpu", adabn_prior=prior)
+        fixed = predict([run], source, "test", tta=1, accelerator="cpu", adabn_prior=prior, embeddings=True)
         treatment = (fixed.wells["well_type"] == "treatment").to_numpy()
         log_probs, classes = treatment_log_probs(fixed.logits[treatment], fixed.classes, treatment_labels)
         agreement[prior] = assignment_agreement(fixed.wells[treatment], log_probs, classes,
                                                 source.dataset.plate_groups)
-        fixed_logits[prior] = fixed.logits
-        if prior == record["chosen"]:
-            np.testing.assert_array_equal(chosen.logits, fixed.logits)
+        fixed_logits[prior], fixed_features[prior] = fixed.logits, fixed.extra["embeddings"]
     assert record["agreement"] == {f"{p:g}": pytest.approx(a, abs=1e-6) for p, a in agreement.items()}
     best = max(agreement.values())
     assert record["chosen"] == min(p for p, a in agreement.items() if a == best)  # ties: the smaller prior
-    assert json.loads(str(chosen.extra["runs"][0]))["adabn_prior"] == record["chosen"]
-    # the choice is the first best, wherever it lies in the grid (here the tiny run's agreements may tie)
+    assert json.loads(str(blended.extra["runs"][0]))["adabn_prior"] == record["chosen"]
+    assert record["weights"] == {f"{p:g}": pytest.approx(np.exp(50 * (a - best)), abs=1e-6)
+                                 for p, a in agreement.items()}
+    np.testing.assert_allclose(blended.logits, _blend(fixed_logits, agreement), atol=1e-5)
+    weights = {p: np.exp(50.0 * (a - best)) for p, a in agreement.items()}
+    features = sum(w * fixed_features[p].astype(np.float64) for p, w in weights.items()) / sum(weights.values())
+    np.testing.assert_allclose(blended.extra["embeddings"], features, rtol=1e-5, atol=1e-5)
+    # scripted agreements, the best in the middle of the grid and tied (rounding must not break the tie):
+    # candidates far below it weigh nothing, the tied ones alike, and the smaller tied prior is the chosen one
     import rcic.predict.runner as runner
 
-    scripted = iter([0.1, 1 / 3, 1 / 3, 0.2, 0.0])  # a tie that rounding in the record must not break
-    monkeypatch.setattr(runner, "_agreement", lambda *args: next(scripted))
+    scripted = [0.1, 1 / 3, 1 / 3, 0.3, 0.0]
+    calls = iter(scripted)
+    monkeypatch.setattr(runner, "_agreement", lambda *args: next(calls))
     second = predict([run], source, "test", tta=1, accelerator="cpu")
-    assert json.loads(str(second.extra["runs"][0]))["adabn_prior_auto"]["chosen"] == 0.25
-    np.testing.assert_array_equal(second.logits, fixed_logits[0.25])
+    second_record = json.loads(str(second.extra["runs"][0]))["adabn_prior_auto"]
+    assert second_record["chosen"] == 0.25
+    assert second_record["weights"]["0.25"] == second_record["weights"]["0.5"] == 1.0
+    assert second_record["weights"]["0"] < 1e-4 and 0.1 < second_record["weights"]["0.75"] < 0.3
+    np.testing.assert_allclose(second.logits, _blend(fixed_logits, dict(zip(ADABN_PRIOR_GRID, scripted))),
+                               atol=1e-5)
     # AdaBN switched off: auto has nothing to choose and predicts once, as --adabn none
     plain = predict([run], source, "test", tta=1, accelerator="cpu", adabn="none")
     assert "adabn_prior_auto" not in json.loads(str(plain.extra["runs"][0]))

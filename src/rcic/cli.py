@@ -38,8 +38,8 @@ AdaBN = Annotated[str, typer.Option("--adabn", help="Domain BatchNorm: recipe (t
                                                     "or experiment (statistics of each domain's own wells)")]
 AdaBNPrior = Annotated[str | None, typer.Option(
     "--adabn-prior", help="With AdaBN, the weight (0-1) of the trained BatchNorm statistics mixed into each "
-                          "domain's own, or auto (each of 0, 0.25, ..., 1 tried; the one whose arg-max agrees "
-                          "most with the plate assignment kept); default: the run's model.adabn_prior")]
+                          "domain's own, or auto (each of 0, 0.25, ..., 1 tried, blended by how well their arg-max "
+                          "agrees with the plate assignment); default: the run's model.adabn_prior")]
 Balance = Annotated[str, typer.Option("--balance", help="Balance each plate's probabilities before the plate "
                                                         "assignment: none or sinkhorn")]
 Center = Annotated[str, typer.Option("--center", help="none (default): the model's own log-probabilities; plate: "
@@ -424,9 +424,11 @@ def _print_prior_choices(logits) -> None:
             console.print(f"{run['run']}: AdaBN prior auto is plain AdaBN (prior 0) here: "
                           f"{run['adabn_prior_auto']['skipped']}")
         elif "adabn_prior_auto" in run:
-            tried = ", ".join(f"{p}: {a:.3f}" for p, a in run["adabn_prior_auto"]["agreement"].items())
-            console.print(f"{run['run']}: AdaBN prior {run['adabn_prior']:g} chosen (arg-max agreeing with the "
-                          f"plate assignment, by prior: {tried})")
+            record = run["adabn_prior_auto"]
+            tried = ", ".join(f"{p}: {a:.3f} (weight {record.get('weights', {}).get(p, 1.0):.2f})"
+                              for p, a in record["agreement"].items())
+            console.print(f"{run['run']}: AdaBN priors blended by how well their arg-max agrees with the plate "
+                          f"assignment, best {run['adabn_prior']:g} (by prior: {tried})")
 
 
 def _adabn_prior(text: str | None) -> float | str | None:
