@@ -156,17 +156,19 @@ def test_adabn_prior_auto_blends_the_candidates_by_their_agreement_with_the_plat
     run_cli("train", "--data", tiny_store, "--recipe", "cpu-demo", "--out", run, *[a for t in TINY for a in
             ("--set", t)], "--set", "trainer.epochs=1")
     assert load_recipe(str(run / "recipe.yaml")).model.adabn_prior == "auto"
-    blended = predict([run], source, "test", tta=1, accelerator="cpu", embeddings=True)
+    blended = predict([run], source, "test", tta=1, accelerator="cpu", embeddings=True, site_outputs=True)
     record = json.loads(str(blended.extra["runs"][0]))["adabn_prior_auto"]
     treatment_labels = set(source.dataset.vocab.treatment_labels)
-    agreement, fixed_logits, fixed_features = {}, {}, {}
+    agreement, fixed_logits, fixed_features, fixed_sites = {}, {}, {}, {}
     for prior in ADABN_PRIOR_GRID:
-        fixed = predict([run], source, "test", tta=1, accelerator="cpu", adabn_prior=prior, embeddings=True)
+        fixed = predict([run], source, "test", tta=1, accelerator="cpu", adabn_prior=prior, embeddings=True,
+                        site_outputs=True)
         treatment = (fixed.wells["well_type"] == "treatment").to_numpy()
         log_probs, classes = treatment_log_probs(fixed.logits[treatment], fixed.classes, treatment_labels)
         agreement[prior] = assignment_agreement(fixed.wells[treatment], log_probs, classes,
                                                 source.dataset.plate_groups)
         fixed_logits[prior], fixed_features[prior] = fixed.logits, fixed.extra["embeddings"]
+        fixed_sites[prior] = fixed.site_logits
     assert record["agreement"] == {f"{p:g}": pytest.approx(a, abs=1e-6) for p, a in agreement.items()}
     best = max(agreement.values())
     assert record["chosen"] == min(p for p, a in agreement.items() if a == best)  # ties: the smaller prior
@@ -177,6 +179,9 @@ def test_adabn_prior_auto_blends_the_candidates_by_their_agreement_with_the_plat
     weights = {p: np.exp(50.0 * (a - best)) for p, a in agreement.items()}
     features = sum(w * fixed_features[p].astype(np.float64) for p, w in weights.items()) / sum(weights.values())
     np.testing.assert_allclose(blended.extra["embeddings"], features, rtol=1e-5, atol=1e-5)
+    sites = sum(w * torch.log_softmax(torch.from_numpy(fixed_sites[p]).double(), -1).numpy()
+                for p, w in weights.items()) / sum(weights.values())  # each site's own (WILDS scores images)
+    np.testing.assert_allclose(blended.site_logits, sites, atol=1e-5)
     # scripted agreements, the best in the middle of the grid and tied (rounding must not break the tie):
     # candidates far below it weigh nothing, the tied ones alike, and the smaller tied prior is the chosen one
     import rcic.predict.runner as runner

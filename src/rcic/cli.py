@@ -417,7 +417,7 @@ def predict(
 
 
 def _print_prior_choices(logits) -> None:
-    """One line per run whose AdaBN prior ``auto`` chose, with every candidate's agreement."""
+    """One line per run predicted with AdaBN prior ``auto``: every candidate's agreement and weight."""
     for record in logits.extra.get("runs", []):
         run = json.loads(str(record))
         if "skipped" in run.get("adabn_prior_auto", {}):

@@ -109,8 +109,8 @@ class ModelConfig(_Strict):
                             "validated or predicted")
     adabn_prior: float | Literal["auto"] = Field(
         0.0, description="With AdaBN, the weight of the trained BatchNorm statistics mixed into each domain's own "
-                         "(0: the domain's alone; 1: no adaptation); auto: chosen at prediction among 0, 0.25, 0.5, "
-                         "0.75 and 1 by the agreement of arg-max and plate assignment (no labels needed)")
+                         "(0: the domain's alone; 1: no adaptation); auto: predictions with 0, 0.25, 0.5, 0.75 and 1 "
+                         "blended by the agreement of their arg-max with the plate assignment (no labels needed)")
     center_embeddings: Literal["none", "plate", "experiment"] = Field(
         "none", description="Subtract the plate's / experiment's mean embedding before the head")
 

@@ -34,7 +34,7 @@ def assignment_agreement(wells: pd.DataFrame, log_probs: np.ndarray, classes: li
     plate, from the plate's group): predictions that already respect it agree with it, noisy ones
     are corrected by it. So among predictions of the same model under different test-time
     settings, the one with the highest agreement is the most consistent with the plate design;
-    ``rcic.predict`` chooses AdaBN's prior by it (``--adabn-prior auto``; BENCHMARKS.md measures it
+    ``rcic.predict`` weighs AdaBN's priors by it (``--adabn-prior auto``; BENCHMARKS.md measures it
     against accuracy). It needs the plate groups (``groups.usable``), as the leak does.
     """
     if groups is None or not groups.usable:

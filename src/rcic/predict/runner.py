@@ -213,8 +213,8 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
     candidate, by up to 1.6 points arg-max and 2.4 with the leak). ``chosen`` is the candidate of the
     highest agreement (ties: the smaller prior); the record in ``task.adabn_prior_choice`` also holds
     every agreement and weight (None on non-zero DDP ranks, which take part in every candidate and
-    return None). The running sums are rescaled whenever a better candidate arrives, so memory stays
-    that of one prediction."""
+    return None). The running sums (float64) are rescaled whenever a better candidate arrives, so no
+    more than two candidates' predictions are held at once."""
     sums, total_weight, best_agreement = None, 0.0, -1.0
     wells, choice = None, {"chosen": 0.0, "agreement": {}}
     for j, prior in enumerate(ADABN_PRIOR_GRID):
@@ -258,7 +258,7 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
 
 def _agreement(source: ImageSource, wells, logits: np.ndarray, classes: list[str]) -> float | None:
     """How well one candidate's predictions fit the plate layout (``rcic.assign.assignment_agreement``),
-    on its treatment wells and treatment classes: the label-free score that ``auto`` maximises (None
+    on its treatment wells and treatment classes: the label-free score that weighs ``auto``'s candidates (None
     where there is no treatment well or class to assign)."""
     from rcic.assign import assignment_agreement, treatment_log_probs
 

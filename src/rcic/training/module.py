@@ -56,11 +56,11 @@ class RcicTask(L.LightningModule):
         self._val: list[dict[str, torch.Tensor]] = []
         self.__dict__["_compiled"] = None  # not a submodule: the state dict keeps the plain net's keys
         self.adabn: str = self.recipe.model.adabn  # prediction may override it (rcic predict --adabn)
-        # and this (--adabn-prior). ``auto`` is chosen by rcic.predict, which runs each candidate; validation
-        # during training has no such choice and uses plain AdaBN
+        # and this (--adabn-prior). ``auto`` is resolved by rcic.predict, which runs and blends each candidate;
+        # validation during training has no such choice and uses plain AdaBN
         prior = self.recipe.model.adabn_prior
         self.adabn_prior: float = 0.0 if prior == "auto" else prior
-        self.adabn_prior_choice: dict | None = None  # what auto chose at prediction, and why (rcic.predict)
+        self.adabn_prior_choice: dict | None = None  # auto's candidates at prediction: agreements, weights, best
         self._bn_saved: list[dict] | None = None
         self._last_phase: int | None = None
         self._mean_sum: torch.Tensor | None = None
