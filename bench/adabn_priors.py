@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from learning import ROOT, make_set, train
+from scipy.special import log_softmax
 
 from rcic.predict import Logits, load_logits, predict, save_logits
-from rcic.predict.runner import ADABN_PRIOR_GRID, AGREEMENT_SHARPNESS, _agreement, _log_softmax
+from rcic.predict.runner import ADABN_PRIOR_GRID, AGREEMENT_SHARPNESS, _agreement
 from rcic.submit import make_submission
 from rcic.submit.submission import score
 
@@ -49,7 +50,7 @@ def run_set(name: str, out: Path) -> dict:
     rows = {f"prior {p:g}": [*accuracy(source, answers, c), agreement[p]] for p, c in candidates.items()}
     best = max(ADABN_PRIOR_GRID, key=lambda p: (agreement[p], -p))
     rows["kept best"] = [*rows[f"prior {best:g}"][:2], best]
-    stacked = np.stack([_log_softmax(c.logits) for c in candidates.values()])
+    stacked = np.stack([log_softmax(c.logits.astype(np.float64), axis=-1) for c in candidates.values()])
     weights = np.exp(AGREEMENT_SHARPNESS * (np.array(list(agreement.values())) - agreement[best]))
     for label, mixed in (("plain mean", stacked.mean(0)), ("blend (auto)", np.tensordot(weights / weights.sum(),
                                                                                       stacked, 1))):

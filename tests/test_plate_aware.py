@@ -133,12 +133,13 @@ def test_adabn_prior_one_predicts_as_without_adabn_and_zero_as_plain_adabn(tiny_
         predict_run(task, source, "test", tta=1, accelerator="cpu", adabn="none", adabn_prior=0.5)
 
 
-def _blend(fixed_logits: dict, agreement: dict) -> np.ndarray:
-    """``auto`` computed by hand: the candidates' log-softmax, weighted by exp(50 x (agreement - best))."""
+def _blend(values: dict, agreement: dict, log_softmax: bool = True) -> np.ndarray:
+    """``auto`` computed by hand: the candidates' log-softmax (or features, as they are), weighted by
+    exp(50 x (agreement - best))."""
     best = max(agreement.values())
     weights = {p: np.exp(50.0 * (a - best)) for p, a in agreement.items()}
-    total = sum(weights[p] * torch.log_softmax(torch.from_numpy(fixed_logits[p]).double(), 1).numpy()
-                for p in fixed_logits)
+    total = sum(w * (torch.log_softmax(torch.from_numpy(values[p]).double(), -1).numpy() if log_softmax
+                     else values[p].astype(np.float64)) for p, w in weights.items())
     return total / sum(weights.values())
 
 
@@ -176,12 +177,10 @@ def test_adabn_prior_auto_blends_the_candidates_by_their_agreement_with_the_plat
     assert record["weights"] == {f"{p:g}": pytest.approx(np.exp(50 * (a - best)), abs=1e-6)
                                  for p, a in agreement.items()}
     np.testing.assert_allclose(blended.logits, _blend(fixed_logits, agreement), atol=1e-5)
-    weights = {p: np.exp(50.0 * (a - best)) for p, a in agreement.items()}
-    features = sum(w * fixed_features[p].astype(np.float64) for p, w in weights.items()) / sum(weights.values())
-    np.testing.assert_allclose(blended.extra["embeddings"], features, rtol=1e-5, atol=1e-5)
-    sites = sum(w * torch.log_softmax(torch.from_numpy(fixed_sites[p]).double(), -1).numpy()
-                for p, w in weights.items()) / sum(weights.values())  # each site's own (WILDS scores images)
-    np.testing.assert_allclose(blended.site_logits, sites, atol=1e-5)
+    np.testing.assert_allclose(blended.extra["embeddings"], _blend(fixed_features, agreement, log_softmax=False),
+                               rtol=1e-5, atol=1e-5)
+    # each site's own log-softmax (WILDS scores images)
+    np.testing.assert_allclose(blended.site_logits, _blend(fixed_sites, agreement), atol=1e-5)
     # scripted agreements, the best in the middle of the grid and tied (rounding must not break the tie):
     # candidates far below it weigh nothing, the tied ones alike, and the smaller tied prior is the chosen one
     import rcic.predict.runner as runner

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from scipy.special import log_softmax
 
 from rcic import interrupts
 from rcic.data.augment import TTA_SETS
@@ -193,12 +194,6 @@ def predict_run(task: RcicTask, source: ImageSource, split: str, val_experiments
     return wells, out["logits"], out["features"], out.get("site_logits")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val_experiments, tta: int,
                             batch_size: int, num_workers: int, devices, precision: str, accelerator: str,
                             controls: bool, progress, site_outputs: bool, adabn: str):
@@ -215,7 +210,7 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
     every agreement and weight (None on non-zero DDP ranks, which take part in every candidate and
     return None). The running sums (float64) are rescaled whenever a better candidate arrives, so no
     more than two candidates' predictions are held at once."""
-    sums, total_weight, best_agreement = None, 0.0, -1.0
+    sums, total_weight, best_agreement, agreements = None, 0.0, -1.0, {}
     wells, choice = None, {"chosen": 0.0, "agreement": {}}
     for j, prior in enumerate(ADABN_PRIOR_GRID):
         sub = None if progress is None else (
@@ -232,9 +227,9 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
                                                                      "skipped": "no treatment wells to assign"}
             continue
         log.info("AdaBN prior %g: arg-max agrees with the plate assignment on %.4f of the wells", prior, agreement)
-        choice["agreement"][f"{prior:g}"] = round(agreement, 6)
-        parts = [_log_softmax(result[1]), result[2].astype(np.float64),
-                 None if result[3] is None else _log_softmax(result[3])]
+        agreements[f"{prior:g}"] = agreement
+        parts = [log_softmax(result[1].astype(np.float64), axis=-1), result[2].astype(np.float64),
+                 None if result[3] is None else log_softmax(result[3].astype(np.float64), axis=-1)]
         if agreement > best_agreement:  # strictly: a tie keeps the smaller prior as the chosen one
             rescale = 0.0 if sums is None else float(np.exp(AGREEMENT_SHARPNESS * (best_agreement - agreement)))
             sums = parts if sums is None else [None if s is None else s * rescale + p for s, p in zip(sums, parts)]
@@ -250,9 +245,10 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
         return None
     if "skipped" in choice:
         return (wells, *sums)
-    best = max(choice["agreement"].values())
-    choice["weights"] = {p: round(float(np.exp(AGREEMENT_SHARPNESS * (a - best))), 6)
-                         for p, a in choice["agreement"].items()}
+    # the record: each candidate's agreement and the weight it had in the blend (from the unrounded agreement)
+    choice["agreement"] = {p: round(a, 6) for p, a in agreements.items()}
+    choice["weights"] = {p: round(float(np.exp(AGREEMENT_SHARPNESS * (a - best_agreement))), 6)
+                         for p, a in agreements.items()}
     return (wells, *[None if s is None else (s / total_weight).astype(np.float32) for s in sums])
 
 
