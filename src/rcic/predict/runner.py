@@ -204,12 +204,12 @@ def _predict_choosing_prior(task: RcicTask, source: ImageSource, split: str, val
     one whose arg-max fits the plate layout on 2% fewer wells 1/e. The blend is the weighted mean of
     the candidates' log-softmax (and of their features): an ensemble over BatchNorm statistics that
     leans on the ones that fit the layout, instead of a hard pick among predictions that often differ
-    by less than their noise (BENCHMARKS.md: on 5 learning sets it was never below the best single
-    candidate, by up to 1.6 points arg-max and 2.4 with the leak). ``chosen`` is the candidate of the
-    highest agreement (ties: the smaller prior); the record in ``task.adabn_prior_choice`` also holds
-    every agreement and weight (None on non-zero DDP ranks, which take part in every candidate and
-    return None). The running sums (float64) are rescaled whenever a better candidate arrives, so no
-    more than two candidates' predictions are held at once."""
+    by less than their noise (BENCHMARKS.md: on 6 learning sets it was never below the single
+    candidate it would have kept, by up to 1.6 points arg-max and 2.3 with the leak). ``chosen`` is
+    the candidate of the highest agreement (ties: the smaller prior); the record in
+    ``task.adabn_prior_choice`` also holds every agreement and weight (None on non-zero DDP ranks,
+    which take part in every candidate and return None). The running sums (float64) are rescaled
+    whenever a better candidate arrives, so no more than two candidates' predictions are held at once."""
     sums, total_weight, best_agreement, agreements = None, 0.0, -1.0, {}
     wells, choice = None, {"chosen": 0.0, "agreement": {}}
     for j, prior in enumerate(ADABN_PRIOR_GRID):
